@@ -1,0 +1,161 @@
+"""The dev run, the test run and the linters, run inside the virtualenv by ``dev.py``.
+
+``run`` generates the dev secrets into the ignored file ``.state/dev.env`` on first use, starts an
+embedded Redis when REDIS_URL is not set, migrates, ensures an admin user, then runs the Procfile
+with honcho. SIGINT or SIGTERM stops every process, the Redis server included.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from project.embedded_redis import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = ROOT / ".state"
+DEV_ENV = STATE / "dev.env"
+BIN = Path(sys.executable).parent
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not key.startswith("#"):
+                values[key.strip()] = value.strip()
+    return values
+
+
+def dev_secrets() -> dict[str, str]:
+    """Generate (once) and return the dev-only secrets kept in .state/dev.env."""
+    from cryptography.fernet import Fernet
+
+    values = _read_env_file(DEV_ENV)
+    wanted = {
+        "DJANGO_SECRET_KEY": lambda: secrets.token_urlsafe(50),
+        "TOKENS_ENCRYPTION_KEYS": lambda: Fernet.generate_key().decode(),
+        "FLOWER_BASIC_AUTH": lambda: f"admin:{secrets.token_urlsafe(12)}",
+    }
+    missing = {key: make() for key, make in wanted.items() if key not in values}
+    if missing:
+        STATE.mkdir(exist_ok=True)
+        values.update(missing)
+        DEV_ENV.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
+        DEV_ENV.chmod(0o600)
+    return values
+
+
+@contextmanager
+def redis_url(env: dict[str, str]) -> Iterator[str]:
+    """Yield REDIS_URL from the environment, or the URL of an embedded server run meanwhile."""
+    if env.get("REDIS_URL"):
+        yield env["REDIS_URL"]
+        return
+    with EmbeddedRedis(STATE / "redis") as server:
+        print(f"dev: embedded Redis on {server.url}", flush=True)
+        yield server.url
+
+
+def _manage(env: dict[str, str], *args: str) -> None:
+    subprocess.run([str(BIN / "python"), "manage.py", *args], cwd=ROOT, env=env, check=True)
+
+
+def ensure_admin(env: dict[str, str]) -> None:
+    username = env.get("DJANGO_SUPERUSER_USERNAME", "admin")
+    password = env.get("DJANGO_SUPERUSER_PASSWORD") or secrets.token_urlsafe(12)
+    code = (
+        "import sys\n"
+        "from django.contrib.auth import get_user_model\n"
+        "User = get_user_model()\n"
+        "if User.objects.filter(username=sys.argv[1]).exists(): sys.exit(3)\n"
+        "User.objects.create_superuser(sys.argv[1], '', sys.argv[2])\n"
+    )
+    result = subprocess.run(
+        [str(BIN / "python"), "-c", f"import django; django.setup()\n{code}", username, password],
+        cwd=ROOT,
+        env={**env, "DJANGO_SETTINGS_MODULE": "project.settings"},
+        check=False,
+    )
+    if result.returncode == 0:
+        shown = password if not env.get("DJANGO_SUPERUSER_PASSWORD") else "(from DJANGO_SUPERUSER_PASSWORD)"
+        print(f"dev: created admin user {username!r} with password {shown}  (shown once)", flush=True)
+    elif result.returncode != 3:
+        raise SystemExit("dev: could not create the admin user")
+
+
+def run() -> int:
+    env = {**dev_secrets(), **os.environ}
+    env.setdefault("DJANGO_DEBUG", "true")
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    with redis_url(env) as url:
+        env["REDIS_URL"] = url
+        _manage(env, "migrate", "--no-input", "-v", "0")
+        ensure_admin(env)
+        print(
+            "dev: admin  http://127.0.0.1:8000/admin/\n"
+            f"dev: flower http://127.0.0.1:5555  (basic auth {env['FLOWER_BASIC_AUTH']})",
+            flush=True,
+        )
+        honcho = subprocess.Popen(  # noqa: S603
+            [str(BIN / "honcho"), "--procfile", "Procfile", "--app-root", str(ROOT), "start"],
+            cwd=ROOT,
+            env=env,
+        )
+
+        def forward(signum: int, _frame: FrameType | None) -> None:
+            if honcho.poll() is None:
+                honcho.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+
+        signal.signal(signal.SIGINT, forward)
+        signal.signal(signal.SIGTERM, forward)
+        code = honcho.wait()
+    print("dev: stopped", flush=True)
+    return code
+
+
+def test(args: list[str]) -> int:
+    return subprocess.call([str(BIN / "python"), "-m", "pytest", *args], cwd=ROOT)
+
+
+def lint() -> int:
+    env = {
+        "DJANGO_SECRET_KEY": "lint",
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "TOKENS_ENCRYPTION_KEYS": "",
+        **os.environ,
+    }
+    targets = ["project", "tokens", "tests", "dev.py"]
+    failed = subprocess.call([str(BIN / "ruff"), "check", *targets], cwd=ROOT)
+    failed |= subprocess.call([str(BIN / "mypy"), "project", "tokens"], cwd=ROOT, env=env)
+    return 1 if failed else 0
+
+
+def bench(args: list[str]) -> int:
+    return subprocess.call([str(BIN / "python"), "-m", "bench", *args], cwd=ROOT)
+
+
+def main(argv: list[str]) -> int:
+    command, args = argv[0], argv[1:]
+    if command == "run":
+        return run()
+    if command == "test":
+        return test(args)
+    if command == "lint":
+        return lint()
+    if command == "bench":
+        return bench(args)
+    raise SystemExit(f"unknown command {command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,51 @@
+"""pytest plugin (``-p project.testing`` in pyproject): the environment the suite runs in.
+
+It runs before pytest-django loads the settings, so it can provide what they require:
+REDIS_URL (an embedded redis-server unless REDIS_URL is set), a broker on the next Redis database
+number (so flushing the cache database between tests never drops Celery's queue bindings), and
+test-only secrets generated for this run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from project.embedded_redis import EmbeddedRedis
+
+_server: EmbeddedRedis | None = None
+
+
+def redis_url_with_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+def redis_db(url: str) -> int:
+    path = urlsplit(url).path.strip("/")
+    return int(path) if path else 0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    global _server
+    from cryptography.fernet import Fernet
+
+    if not os.environ.get("REDIS_URL"):
+        state = Path(__file__).resolve().parent.parent / ".state" / f"test-redis-{os.getpid()}"
+        _server = EmbeddedRedis(state)
+        os.environ["REDIS_URL"] = _server.start()
+    url = os.environ["REDIS_URL"]
+    os.environ.setdefault("CELERY_BROKER_URL", redis_url_with_db(url, redis_db(url) + 1))
+    os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-" + os.urandom(16).hex())
+    os.environ.setdefault("TOKENS_ENCRYPTION_KEYS", Fernet.generate_key().decode())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _server
+    if _server is not None:
+        _server.stop()
+        _server = None

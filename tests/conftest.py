@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+
+from tests.processes import Process, start_beat, start_worker
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> Iterator[redis.Redis]:
+    """The real Redis the suite runs on (embedded, or REDIS_URL), on the cache's database."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def _flush_redis(redis_client: redis.Redis) -> None:
+    """Every test starts with an empty cache database (the broker lives on another one)."""
+    redis_client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def _worker_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("worker")
+
+
+@pytest.fixture(scope="session")
+def worker(django_db_setup: None, django_db_blocker: object, _worker_tmp: Path) -> Iterator[Process]:
+    """A real ``celery worker`` process on the test Redis and the test database, for the session.
+
+    Tests that use it must also use ``transactional_db`` so the worker sees their rows.
+    """
+    from project.celery import app
+
+    app.control.purge()
+    worker = start_worker(_worker_tmp)
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def beat(tmp_path: Path, django_db_setup: None) -> Iterator[Callable[..., Process]]:
+    """Start real ``celery beat`` processes; each is stopped when the test ends."""
+    started: list[Process] = []
+
+    def start(**kwargs: object) -> Process:
+        process = start_beat(tmp_path, **kwargs)  # type: ignore[arg-type]
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path, django_db_setup: None) -> Iterator[Callable[..., Process]]:
+    """Start extra real worker processes (own hostnames/queues); stopped when the test ends."""
+    started: list[Process] = []
+
+    def start(**kwargs: object) -> Process:
+        process = start_worker(tmp_path, **kwargs)  # type: ignore[arg-type]
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
