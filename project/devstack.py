@@ -20,7 +20,7 @@ from types import FrameType
 from project.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
-STATE = ROOT / ".state"
+STATE = Path(os.environ.get("DEV_STATE_DIR", ROOT / ".state")).resolve()
 DEV_ENV = STATE / "dev.env"
 BIN = Path(sys.executable).parent
 
@@ -47,7 +47,7 @@ def dev_secrets() -> dict[str, str]:
     }
     missing = {key: make() for key, make in wanted.items() if key not in values}
     if missing:
-        STATE.mkdir(exist_ok=True)
+        STATE.mkdir(parents=True, exist_ok=True)
         values.update(missing)
         DEV_ENV.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
         DEV_ENV.chmod(0o600)
@@ -86,8 +86,14 @@ def ensure_admin(env: dict[str, str]) -> None:
         check=False,
     )
     if result.returncode == 0:
-        shown = password if not env.get("DJANGO_SUPERUSER_PASSWORD") else "(from DJANGO_SUPERUSER_PASSWORD)"
-        print(f"dev: created admin user {username!r} with password {shown}  (shown once)", flush=True)
+        shown = (
+            password
+            if not env.get("DJANGO_SUPERUSER_PASSWORD")
+            else "(from DJANGO_SUPERUSER_PASSWORD)"
+        )
+        print(
+            f"dev: created admin user {username!r} with password {shown}  (shown once)", flush=True
+        )
     elif result.returncode != 3:
         raise SystemExit("dev: could not create the admin user")
 
@@ -97,16 +103,20 @@ def run() -> int:
     env.setdefault("DJANGO_DEBUG", "true")
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
+    env["DEV_STATE_DIR"] = str(STATE)
+    env.setdefault("DATABASE_URL", f"sqlite:///{STATE / 'db.sqlite3'}")
+    web_port = env.setdefault("DEV_WEB_PORT", "8000")
+    flower_port = env.setdefault("DEV_FLOWER_PORT", "5555")
     with redis_url(env) as url:
         env["REDIS_URL"] = url
         _manage(env, "migrate", "--no-input", "-v", "0")
         ensure_admin(env)
         print(
-            "dev: admin  http://127.0.0.1:8000/admin/\n"
-            f"dev: flower http://127.0.0.1:5555  (basic auth {env['FLOWER_BASIC_AUTH']})",
+            f"dev: admin  http://127.0.0.1:{web_port}/admin/\n"
+            f"dev: flower http://127.0.0.1:{flower_port}  (basic auth {env['FLOWER_BASIC_AUTH']})",
             flush=True,
         )
-        honcho = subprocess.Popen(  # noqa: S603
+        honcho = subprocess.Popen(
             [str(BIN / "honcho"), "--procfile", "Procfile", "--app-root", str(ROOT), "start"],
             cwd=ROOT,
             env=env,
@@ -136,6 +146,7 @@ def lint() -> int:
     }
     targets = ["project", "tokens", "tests", "dev.py"]
     failed = subprocess.call([str(BIN / "ruff"), "check", *targets], cwd=ROOT)
+    failed |= subprocess.call([str(BIN / "ruff"), "format", "--check", *targets], cwd=ROOT)
     failed |= subprocess.call([str(BIN / "mypy"), "project", "tokens"], cwd=ROOT, env=env)
     return 1 if failed else 0
 

@@ -72,19 +72,27 @@ class EmbeddedRedis:
             self.process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
                 [
                     binary,
-                    "--port", str(port),
-                    "--bind", "127.0.0.1",
-                    "--dir", str(self.state_dir),
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--databases", "16",
-                    "--logfile", str(self.state_dir / f"redis-{port}.log"),
-                    "--pidfile", str(self.state_dir / f"redis-{port}.pid"),
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(self.state_dir),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--databases",
+                    "16",
+                    "--logfile",
+                    str(self.state_dir / f"redis-{port}.log"),
+                    "--pidfile",
+                    str(self.state_dir / f"redis-{port}.pid"),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509
+                preexec_fn=_die_with_parent,
             )
             url = f"redis://127.0.0.1:{port}/0"
             if self._wait_ready(url, timeout):

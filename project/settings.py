@@ -1,4 +1,4 @@
-"""Django settings for the tokens project. Every knob is an environment variable (see .env.example)."""
+"""Django settings for the tokens project: every knob is an environment variable (.env.example)."""
 
 from pathlib import Path
 

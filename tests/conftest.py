@@ -30,7 +30,9 @@ def _worker_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def worker(django_db_setup: None, django_db_blocker: object, _worker_tmp: Path) -> Iterator[Process]:
+def worker(
+    django_db_setup: None, django_db_blocker: object, _worker_tmp: Path
+) -> Iterator[Process]:
     """A real ``celery worker`` process on the test Redis and the test database, for the session.
 
     Tests that use it must also use ``transactional_db`` so the worker sees their rows.

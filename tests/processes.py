@@ -6,6 +6,7 @@ logs to a file under the test's tmp dir, and is stopped (or killed) by the fixtu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -45,8 +46,12 @@ def child_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.05,
-             message: str = "condition") -> object:
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> object:
     """Poll ``predicate`` until it returns a truthy value; raise AssertionError at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -68,8 +73,13 @@ class Process:
         self.env = env
         self._log = open(log_path, "ab")  # noqa: SIM115
         self.popen = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     @property
@@ -98,24 +108,40 @@ class Process:
         self.popen.wait(10)
 
     def _signal_group(self, signum: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signum)
-        except ProcessLookupError:
-            pass
 
 
-def start_worker(tmp_path: Path, *, hostname: str = "w1", queues: str = "celery",
-                 concurrency: int = 4, pool: str = "threads", timeout: float = 30.0,
-                 **env: str) -> Process:
+def start_worker(
+    tmp_path: Path,
+    *,
+    hostname: str = "w1",
+    queues: str = "celery",
+    concurrency: int = 4,
+    pool: str = "threads",
+    timeout: float = 30.0,
+    **env: str,
+) -> Process:
     """Start ``celery worker`` and return once it answers a ping."""
     from project.celery import app
 
     full_hostname = f"{hostname}@{os.uname().nodename}-{os.getpid()}"
     worker = Process(
         f"worker {hostname}",
-        [str(BIN / "celery"), "-A", "project", "worker", "--loglevel=INFO", f"--pool={pool}",
-         f"--concurrency={concurrency}", f"--hostname={full_hostname}", f"--queues={queues}",
-         "--without-gossip", "--without-mingle", "--events"],
+        [
+            str(BIN / "celery"),
+            "-A",
+            "project",
+            "worker",
+            "--loglevel=INFO",
+            f"--pool={pool}",
+            f"--concurrency={concurrency}",
+            f"--hostname={full_hostname}",
+            f"--queues={queues}",
+            "--without-gossip",
+            "--without-mingle",
+            "--events",
+        ],
         tmp_path / f"worker-{hostname}.log",
         child_env(**env),
     )
@@ -129,14 +155,22 @@ def start_worker(tmp_path: Path, *, hostname: str = "w1", queues: str = "celery"
     return worker
 
 
-def start_beat(tmp_path: Path, *, name: str = "beat", max_interval: int = 1,
-               timeout: float = 30.0, **env: str) -> Process:
-    """Start ``celery beat`` on the DatabaseScheduler; it re-reads the schedule every ``max_interval``."""
+def start_beat(
+    tmp_path: Path, *, name: str = "beat", max_interval: int = 1, timeout: float = 30.0, **env: str
+) -> Process:
+    """Start ``celery beat`` (DatabaseScheduler), re-reading the schedule every ``max_interval``."""
     beat = Process(
         name,
-        [str(BIN / "celery"), "-A", "project", "beat", "--loglevel=DEBUG",
-         f"--max-interval={max_interval}", f"--pidfile={tmp_path / (name + '.pid')}",
-         f"--schedule={tmp_path / (name + '-schedule')}"],
+        [
+            str(BIN / "celery"),
+            "-A",
+            "project",
+            "beat",
+            "--loglevel=DEBUG",
+            f"--max-interval={max_interval}",
+            f"--pidfile={tmp_path / (name + '.pid')}",
+            f"--schedule={tmp_path / (name + '-schedule')}",
+        ],
         tmp_path / f"{name}.log",
         child_env(**env),
     )
@@ -152,8 +186,17 @@ def start_beat(tmp_path: Path, *, name: str = "beat", max_interval: int = 1,
 
 def run_script(code: str, *, timeout: float = 60.0, **env: str) -> subprocess.CompletedProcess[str]:
     """Run Python ``code`` with Django set up in a new process; return its completed process."""
-    prologue = "import django, os\nos.environ.setdefault('DJANGO_SETTINGS_MODULE', 'project.settings')\ndjango.setup()\n"
+    prologue = (
+        "import django, os\n"
+        "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'project.settings')\n"
+        "django.setup()\n"
+    )
     return subprocess.run(
-        [sys.executable, "-c", prologue + code], cwd=ROOT, env=child_env(**env),
-        capture_output=True, text=True, timeout=timeout, check=False,
+        [sys.executable, "-c", prologue + code],
+        cwd=ROOT,
+        env=child_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )

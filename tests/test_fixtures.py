@@ -34,12 +34,17 @@ def test_worker__runs_a_task_sent_through_the_broker(worker, transactional_db) -
 
 @pytest.mark.integration
 def test_beat__sends_a_periodic_task_that_the_worker_runs(worker, beat, transactional_db) -> None:
-    every_second, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+    every_second, _ = IntervalSchedule.objects.get_or_create(
+        every=1, period=IntervalSchedule.SECONDS
+    )
     PeriodicTask.objects.create(name="fixture-probe", task="project.ping", interval=every_second)
     beat_process = beat()
 
-    wait_for(lambda: "Sending due task fixture-probe (project.ping)" in beat_process.log(), 15,
-             message="beat to send the task")
+    wait_for(
+        lambda: "Sending due task fixture-probe (project.ping)" in beat_process.log(),
+        15,
+        message="beat to send the task",
+    )
     backend = redis.Redis.from_url(settings.CELERY_RESULT_BACKEND)
 
     def pong_stored() -> bool:

@@ -1,0 +1,14 @@
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY project ./project
+COPY tokens ./tokens
+COPY manage.py Procfile ./
+RUN pip install --no-cache-dir . \
+ && useradd --create-home app \
+ && DJANGO_SECRET_KEY=build REDIS_URL=redis://unused:6379/0 TOKENS_ENCRYPTION_KEYS=$(python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())') \
+    DJANGO_STATIC_ROOT=/app/static python manage.py collectstatic --no-input -v 0
+USER app
+EXPOSE 8000 5555
+CMD ["gunicorn", "project.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "3"]

@@ -1,0 +1,101 @@
+"""docker-compose.yml, Procfile, .env.example and README agree with each other and with settings.
+
+Docker cannot run on the CI machine, so the compose file is checked structurally.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def procfile() -> dict[str, list[str]]:
+    entries = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        entries[name.strip()] = shlex.split(command)
+    return entries
+
+
+def settings_env_vars() -> set[str]:
+    source = (ROOT / "project" / "settings.py").read_text()
+    return set(re.findall(r'env(?:\.\w+)?\(\s*"([A-Z_]+)"', source))
+
+
+def test_compose__has_the_whole_stack() -> None:
+    assert {"postgres", "redis", "web", "worker", "beat", "flower"} <= set(SERVICES)
+    for name in ("web", "worker", "beat", "flower", "migrate"):
+        assert SERVICES[name]["image"] == "tokens:latest", name
+        assert SERVICES[name]["build"] == ".", name
+
+
+def test_compose__runs_exactly_one_beat() -> None:
+    beats = [name for name, svc in SERVICES.items() if " beat" in " ".join(svc.get("command", []))]
+    assert beats == ["beat"]
+    assert SERVICES["beat"]["deploy"]["replicas"] == 1
+    assert not any("-B" in svc.get("command", []) for svc in SERVICES.values())
+
+
+def test_compose__commands_match_the_procfile() -> None:
+    processes = procfile()
+    assert set(processes) == {"web", "worker", "beat", "flower"}
+    for name in ("worker", "beat", "flower"):
+        assert (
+            SERVICES[name]["command"][:4]
+            == processes[name][:4]
+            == ["celery", "-A", "project", name]
+        )
+    assert "project.wsgi:application" in SERVICES["web"]["command"]
+    assert processes["web"][:3] == ["python", "manage.py", "runserver"]
+
+
+def test_compose__health_checks_and_start_order() -> None:
+    for name in ("postgres", "redis", "web", "worker", "flower"):
+        assert "healthcheck" in SERVICES[name], name
+    for name in ("web", "worker", "beat"):
+        depends = SERVICES[name]["depends_on"]
+        assert depends["redis"]["condition"] == "service_healthy"
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+    assert SERVICES["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_compose__flower_requires_basic_auth_from_env() -> None:
+    auth = SERVICES["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+    assert auth.startswith("${FLOWER_BASIC_AUTH:?")
+
+
+def test_compose__holds_no_secret_literal() -> None:
+    def walk(node: object, key: str = "") -> list[tuple[str, str]]:
+        if isinstance(node, dict):
+            return [pair for k, v in node.items() for pair in walk(v, str(k))]
+        if isinstance(node, list):
+            return [pair for item in node for pair in walk(item, key)]
+        return [(key, str(node))]
+
+    secretish = re.compile(r"PASSWORD|SECRET|KEY|AUTH|TOKEN", re.I)
+    for key, value in walk(COMPOSE):
+        if secretish.search(key):
+            assert value.startswith("${"), f"{key} has a literal value"
+        # credentials inside URLs come from the environment too
+        for credential in re.findall(r"://[^:/@]+:([^@]+)@", value):
+            assert credential.startswith("${"), f"{key} embeds a literal password"
+
+
+def test_env_example_and_readme_list_every_setting() -> None:
+    example = (ROOT / ".env.example").read_text()
+    readme = (ROOT / "README.md").read_text()
+    variables = settings_env_vars() | {
+        "FLOWER_BASIC_AUTH",
+        "DJANGO_SUPERUSER_USERNAME",
+        "DJANGO_SUPERUSER_PASSWORD",
+    }
+    for name in sorted(variables):
+        assert re.search(rf"^{name}=", example, re.M), f"{name} missing from .env.example"
+        assert f"`{name}`" in readme, f"{name} missing from the README table"
