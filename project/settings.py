@@ -130,3 +130,11 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # ---------------------------------------------------------------------------- tokens
 
 TOKENS_ENCRYPTION_KEYS = env.list("TOKENS_ENCRYPTION_KEYS", default=[])
+TOKENS_WAIT_TIMEOUT = env.float("TOKENS_WAIT_TIMEOUT", default=10.0)
+TOKENS_MIN_REFRESH_INTERVAL = env.float("TOKENS_MIN_REFRESH_INTERVAL", default=5.0)
+TOKENS_DEFAULT_LIFETIME = env.float("TOKENS_DEFAULT_LIFETIME", default=3600.0)
+TOKENS_HISTORY = env.int("TOKENS_HISTORY", default=10)
+TOKENS_HTTP_TIMEOUT = env.float("TOKENS_HTTP_TIMEOUT", default=10.0)
+# Longer than CELERY_TASK_TIME_LIMIT, well below the broker's visibility timeout.
+TOKENS_LOCK_TTL = env.float("TOKENS_LOCK_TTL", default=CELERY_TASK_TIME_LIMIT + 30)
+TOKENS_RETRY_MAX = env.float("TOKENS_RETRY_MAX", default=300.0)

@@ -42,6 +42,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     os.environ.setdefault("CELERY_BROKER_URL", redis_url_with_db(url, redis_db(url) + 1))
     os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-" + os.urandom(16).hex())
     os.environ.setdefault("TOKENS_ENCRYPTION_KEYS", Fernet.generate_key().decode())
+    # Integration tests use intervals of a second or two; the production minimum is 5 s.
+    os.environ.setdefault("TOKENS_MIN_REFRESH_INTERVAL", "1")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

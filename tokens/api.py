@@ -1,0 +1,175 @@
+"""get_token(): the read path, memory first.
+
+1. This process's memory (a dict lookup and a clock read).
+2. Redis (the encrypted cache entry), then the database (the source of truth, put back in Redis).
+3. Nothing valid: ask for one refresh (deduplicated fleet-wide) and wait for the notification
+   that a token was stored, re-reading now and then in case a notification was lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from django.db import DatabaseError
+
+from tokens import notify, selectors, services, store
+from tokens.conf import tokens_settings
+from tokens.exceptions import ProviderDisabled, TokenUnavailable, UnknownProvider
+from tokens.models import ProviderState
+
+logger = logging.getLogger(__name__)
+
+_memory = notify.memory
+_listener = notify.listener
+_time = time.time
+
+
+def get_token(name: str, *, timeout: float | None = None) -> str:
+    """Return a current, unexpired access token of the provider called ``name``.
+
+    Waits up to ``timeout`` seconds (default TOKENS_WAIT_TIMEOUT) for a first token. Raises
+    UnknownProvider, ProviderDisabled, or TokenUnavailable (with the provider's last error).
+    """
+    try:
+        entry = _memory.get(name)
+    except TypeError:  # unhashable: reported properly below
+        entry = None
+    if entry is not None and entry[1] > _time():
+        return entry[0]
+    return _get_token_slow(name, timeout)
+
+
+def _check_arguments(name: object, timeout: object) -> float:
+    if not isinstance(name, str):
+        raise TypeError(f"get_token() name must be a str, not {type(name).__name__}")
+    if not name:
+        raise ValueError("get_token() name must not be empty")
+    if timeout is None:
+        return tokens_settings.seconds("WAIT_TIMEOUT")
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"get_token() timeout must be a number, not {type(timeout).__name__}")
+    if not math.isfinite(timeout) or timeout < 0:
+        raise ValueError("get_token() timeout must be a finite number >= 0")
+    return float(timeout)
+
+
+class _Reader:
+    """One get_token() call that missed memory."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.provider_id: int | None = None
+        self.requested = False
+        self.problems: list[str] = []
+
+    def read(self) -> str | None:
+        """A valid token from Redis or the database, or None (after asking for a refresh)."""
+        generation = _listener.generation(self.name)
+        now = _time()
+        try:
+            cached = store.get(self.name)
+        except store.StoreError:
+            cached = None
+            self._problem("Redis unavailable")
+        if cached is not None and (cached.expires_at is None or cached.expires_at > now):
+            self.provider_id = cached.provider_id
+            self._remember(cached.value, cached.version, cached.token_type,
+                           cached.expires_at, cached.refresh_at, now, generation)
+            return cached.value
+        try:
+            provider = selectors.provider_for_reading(name=self.name)
+            token = selectors.current_token(provider=provider)
+        except (UnknownProvider, ProviderDisabled):
+            raise
+        except DatabaseError:
+            self._problem("database unavailable")
+            return None
+        self.provider_id = provider.pk
+        if token is None:
+            self._request_refresh()
+            return None
+        services.cache_token(provider, token, publish=False)
+        self._remember(
+            token.value, token.version, token.token_type,
+            token.expires_at.timestamp() if token.expires_at else None,
+            token.refresh_at.timestamp() if token.refresh_at else None, now, generation,
+        )
+        return token.value
+
+    def _remember(self, value: str, version: int, token_type: str, expires_at: float | None,
+                  refresh_at: float | None, now: float, generation: int) -> None:
+        if refresh_at is not None and now >= refresh_at:
+            # Within the margin: still valid, but ask for a new one (beat may be late or down).
+            self._request_refresh()
+            until = expires_at if expires_at is not None else math.inf
+        else:
+            until = refresh_at if refresh_at is not None else math.inf
+        until = min(until, now + _listener.max_age())
+        if _listener.generation(self.name) == generation:  # no news arrived while we read
+            _memory[self.name] = (value, until, version, token_type)
+
+    def _request_refresh(self) -> None:
+        if self.requested or self.provider_id is None:
+            return
+        self.requested = True
+        try:
+            if not store.mark_pending(self.provider_id):
+                return  # somebody already asked; their refresh will wake us
+        except store.StoreError:
+            self._problem("Redis unavailable")
+            return
+        try:
+            services.refresh_now(provider_id=self.provider_id)
+        except Exception as error:  # broker down: nothing will come, the deadline will tell
+            self._problem(f"could not queue a refresh ({type(error).__name__})")
+            try:
+                store.clear_pending(self.provider_id)
+            except store.StoreError:
+                pass
+
+    def _problem(self, text: str) -> None:
+        if text not in self.problems:
+            self.problems.append(text)
+
+    def reason(self, waited: float) -> str:
+        parts: list[str] = []
+        if self.provider_id is not None:
+            try:
+                state = ProviderState.objects.filter(provider_id=self.provider_id).first()
+            except DatabaseError:
+                state = None
+            if state is not None and state.last_error:
+                parts.append(f"last refresh error: {state.last_error}")
+        parts.extend(self.problems)
+        if not parts:
+            parts.append("no token was stored")
+        return f"waited {waited:.1f}s; " + "; ".join(parts)
+
+
+def _get_token_slow(name: Any, timeout: Any) -> str:
+    wait = _check_arguments(name, timeout)
+    started = time.monotonic()
+    deadline = started + wait
+    _listener.ensure_running()
+    reader = _Reader(name)
+    # Register as a waiter before reading, and read again once subscribed: a token stored
+    # between our read and our wait still wakes us.
+    with _listener.waiter(name) as woken:
+        while True:
+            woken.clear()
+            value = reader.read()
+            if value is not None:
+                return value
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TokenUnavailable(name, reader.reason(time.monotonic() - started))
+            if not _listener.connected.is_set():
+                if _listener.connected.wait(min(remaining, 0.2)):
+                    continue  # just subscribed: read again before waiting
+                recheck = 0.1
+            else:
+                recheck = tokens_settings.seconds("WAIT_RECHECK")
+            woken.wait(min(remaining, recheck))

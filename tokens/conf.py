@@ -1,0 +1,69 @@
+"""The app's settings, read lazily from Django settings (``TOKENS_*``) so tests can override them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+
+DEFAULTS: dict[str, Any] = {
+    # Comma-separated string or list of Fernet keys; the first encrypts, all decrypt.
+    "ENCRYPTION_KEYS": [],
+    # How long get_token() waits for a first token, in seconds.
+    "WAIT_TIMEOUT": 10.0,
+    "MIN_REFRESH_INTERVAL": timedelta(seconds=5),
+    # Lifetime assumed when the issuer gives no expires_in and the token is no JWT with "exp".
+    "DEFAULT_LIFETIME": timedelta(hours=1),
+    # Lifetimes above this are clamped (a huge expires_in is taken as this).
+    "MAX_LIFETIME": timedelta(days=365),
+    "HISTORY": 10,
+    # Timeout of each HTTP request to a token endpoint, in seconds.
+    "HTTP_TIMEOUT": 10.0,
+    # TTL of the per-provider refresh lock; longer than the task's hard time limit.
+    "LOCK_TTL": 90.0,
+    # A refresh asked for by get_token() is not asked again for this long, in seconds.
+    "PENDING_TTL": 30.0,
+    # Fraction of a token's lifetime before its expiry at which it is refreshed (plus jitter).
+    "REFRESH_MARGIN": 0.1,
+    # Backoff of failed refreshes: base * 2**(failures-1), jittered, capped; seconds.
+    "RETRY_BASE": 1.0,
+    "RETRY_MAX": 300.0,
+    # Where the app keeps its Redis keys (django-redis alias and key prefix).
+    "CACHE_ALIAS": "default",
+    "REDIS_PREFIX": "tokens",
+    # How long a process trusts a token in memory: while it hears change notifications, and
+    # while it does not (Redis down, listener reconnecting); seconds.
+    "MEMORY_MAX_AGE": 60.0,
+    "MEMORY_MAX_AGE_DISCONNECTED": 1.0,
+    # While waiting, re-read the stores this often in case a notification was lost; seconds.
+    "WAIT_RECHECK": 0.5,
+    # Extra generator kinds: {"kind": "dotted.path.to.GeneratorClass"}.
+    "GENERATORS": {},
+}
+
+
+class TokensSettings:
+    """``tokens_settings.WAIT_TIMEOUT`` reads ``settings.TOKENS_WAIT_TIMEOUT`` or the default."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(name)
+        return getattr(settings, f"TOKENS_{name}", DEFAULTS[name])
+
+    def seconds(self, name: str) -> float:
+        value = getattr(self, name)
+        return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+    def timedelta(self, name: str) -> timedelta:
+        value = getattr(self, name)
+        return value if isinstance(value, timedelta) else timedelta(seconds=float(value))
+
+    def encryption_keys(self) -> list[str]:
+        keys = self.ENCRYPTION_KEYS
+        if isinstance(keys, str):
+            keys = keys.split(",")
+        return [key.strip() for key in keys if key and key.strip()]
+
+
+tokens_settings = TokensSettings()

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django import forms
+
+from tokens.generators import registry
+from tokens.models import Provider
+
+
+def kinds_help() -> str:
+    lines = []
+    for kind, generator in registry().items():
+        example = json.dumps(generator.example_config)
+        lines.append(f"{kind}: {generator.help_text} Example: {example}")
+    return "\n".join(lines)
+
+
+class ProviderForm(forms.ModelForm):
+    """The secret is write-only: never rendered back; blank keeps the stored one."""
+
+    secret = forms.CharField(
+        required=False,
+        strip=False,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Client secret (static: the token). Never shown; leave blank to keep the current one.",
+    )
+
+    class Meta:
+        model = Provider
+        fields = ["name", "kind", "enabled", "config", "secret", "refresh_interval"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["config"].help_text = kinds_help()
+        if self.instance.pk and self.instance.secret:
+            self.fields["secret"].help_text = "A secret is stored. " + (
+                self.fields["secret"].help_text or ""
+            )
+
+    def clean_secret(self) -> str:
+        secret: str = self.cleaned_data.get("secret") or ""
+        if not secret and self.instance.pk:
+            return self.instance.secret  # keep
+        return secret

@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from tokens.conf import tokens_settings
+from tokens.fields import EncryptedTextField
+from tokens.generators import get_generator, kind_choices, registry
+
+# The database refuses intervals below this floor; TOKENS_MIN_REFRESH_INTERVAL (a setting, so
+# not expressible in a migration) is enforced above it by validation.
+INTERVAL_FLOOR = timedelta(seconds=1)
+
+
+class ProviderQuerySet(models.QuerySet["Provider"]):
+    def enabled(self) -> ProviderQuerySet:
+        return self.filter(enabled=True)
+
+
+class Provider(models.Model):
+    """A source of access tokens: a generator kind, its config, a secret and a refresh interval."""
+
+    name = models.SlugField(
+        "name", max_length=100, unique=True,
+        help_text="What code passes to get_token(). Letters, digits, hyphens and underscores.",
+    )
+    kind = models.CharField(
+        "kind", max_length=64, choices=kind_choices,
+        help_text="How tokens are made (the generator).",
+    )
+    config = models.JSONField(
+        "config", default=dict, blank=True,
+        help_text="Settings of the generator, as a JSON object; the keys depend on the kind.",
+    )
+    secret = EncryptedTextField(
+        "secret", blank=True,
+        help_text="Client secret (or the token of a static provider). Stored encrypted.",
+    )
+    refresh_interval = models.DurationField(
+        "refresh interval", default=timedelta(minutes=5),
+        validators=[MinValueValidator(INTERVAL_FLOOR)],
+        help_text="How often Celery beat refreshes the token, e.g. 00:05:00.",
+    )
+    enabled = models.BooleanField(
+        "enabled", default=True,
+        help_text="Disabled providers are not refreshed and get_token() raises ProviderDisabled.",
+    )
+    created_at = models.DateTimeField("created", auto_now_add=True, help_text="When it was added.")
+    updated_at = models.DateTimeField("updated", auto_now=True, help_text="When it last changed.")
+
+    objects = ProviderQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "token provider"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(refresh_interval__gte=INTERVAL_FLOOR),
+                name="tokens_provider_refresh_interval_floor",
+                violation_error_message="The refresh interval must be at least one second.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        errors: dict[str, list[str]] = {}
+        minimum = tokens_settings.timedelta("MIN_REFRESH_INTERVAL")
+        if self.refresh_interval is not None and self.refresh_interval < minimum:
+            errors.setdefault("refresh_interval", []).append(
+                f"Must be at least {minimum.total_seconds():g} seconds "
+                "(TOKENS_MIN_REFRESH_INTERVAL)."
+            )
+        if self.kind not in registry():
+            errors.setdefault("kind", []).append(f"Unknown kind {self.kind!r}.")
+        else:
+            for field, messages in get_generator(self.kind).validate(self.config, self.secret).items():
+                errors.setdefault(field, []).extend(messages)
+        if errors:
+            raise ValidationError(errors)
+
+
+class ProviderState(models.Model):
+    """What the refresh service knows about a provider: versions, status, backoff.
+
+    Kept apart from Provider so that saving a provider (admin, ORM) can never write back stale
+    status or move the version fence backwards; only the services write it, with UPDATEs.
+    """
+
+    provider = models.OneToOneField(
+        Provider, on_delete=models.CASCADE, primary_key=True, related_name="refresh_state",
+        verbose_name="provider", help_text="The provider this state belongs to.",
+    )
+    fence = models.PositiveBigIntegerField(
+        "fence", default=0, help_text="Highest version handed to a refresh or an invalidation."
+    )
+    current_version = models.PositiveBigIntegerField(
+        "current version", default=0,
+        help_text="Version of the token that is valid now; tokens below it are void.",
+    )
+    last_refresh_at = models.DateTimeField(
+        "last refresh", null=True, blank=True, help_text="When the current token was stored."
+    )
+    expires_at = models.DateTimeField(
+        "expires at", null=True, blank=True,
+        help_text="Expiry of the current token (empty: it does not expire, or there is none).",
+    )
+    consecutive_failures = models.PositiveIntegerField(
+        "consecutive failures", default=0, help_text="Failed refreshes since the last success."
+    )
+    last_error = models.CharField(
+        "last error", max_length=300, blank=True, help_text="The last refresh error, sanitized."
+    )
+    last_error_at = models.DateTimeField(
+        "last error at", null=True, blank=True, help_text="When the last refresh failed."
+    )
+    next_attempt_at = models.DateTimeField(
+        "next attempt", null=True, blank=True,
+        help_text="After a failure, refreshes other than forced ones wait until then (backoff).",
+    )
+
+    class Meta:
+        verbose_name = "refresh state"
+
+    def __str__(self) -> str:
+        return f"state of {self.provider_id}"
+
+    def token_is_fresh(self, refresh_interval: timedelta, now: datetime | None = None) -> bool:
+        """True when the current token is younger than half the interval and not near expiry.
+
+        Half: beat's next run comes one interval after the last; a duplicate message (two beats,
+        a redelivery) comes moments after it.
+        """
+        now = now or timezone.now()
+        if not self.current_version or self.last_refresh_at is None:
+            return False
+        if self.expires_at is not None:
+            lifetime = self.expires_at - self.last_refresh_at
+            if now >= self.expires_at - lifetime * tokens_settings.REFRESH_MARGIN:
+                return False
+        return now - self.last_refresh_at < refresh_interval / 2
+
+
+class Token(models.Model):
+    """One token a provider issued. The last TOKENS_HISTORY are kept per provider."""
+
+    provider = models.ForeignKey(
+        Provider, on_delete=models.CASCADE, related_name="tokens", verbose_name="provider",
+        help_text="The provider that issued it.",
+    )
+    version = models.PositiveBigIntegerField(
+        "version", help_text="Per-provider, increasing: a newer token has a higher version."
+    )
+    value = EncryptedTextField("value", help_text="The token, stored encrypted; never displayed.")
+    token_type = models.CharField(
+        "token type", max_length=40, default="Bearer", help_text="Scheme for the header."
+    )
+    fingerprint = models.CharField(
+        "fingerprint", max_length=16, help_text="Short keyed hash to tell tokens apart."
+    )
+    issued_at = models.DateTimeField("issued at", help_text="When it was stored.")
+    expires_at = models.DateTimeField(
+        "expires at", null=True, blank=True, help_text="Empty when the issuer gave no expiry."
+    )
+    refresh_at = models.DateTimeField(
+        "refresh at", null=True, blank=True,
+        help_text="From then on, readers ask for a new token (expiry minus a jittered margin).",
+    )
+
+    class Meta:
+        ordering = ["provider", "-version"]
+        get_latest_by = "version"
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "version"], name="tokens_token_version_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider_id} v{self.version} {self.fingerprint}"

@@ -1,0 +1,156 @@
+"""Redis side of tokens: the encrypted cache entry, version fencing, locks, notifications.
+
+Keys (prefix TOKENS_REDIS_PREFIX, default "tokens"):
+  <p>:tok:<name>      encrypted JSON of the current token, TTL until its expiry
+  <p>:ver:<name>      highest version written for <name> (no TTL): fences late, older writers
+  <p>:lock:<id>       refresh lock, TTL TOKENS_LOCK_TTL
+  <p>:pending:<id>    a refresh was requested by a reader, TTL TOKENS_PENDING_TTL
+  <p>:events          pub/sub channel: {"n": name, "v": version, "e": "stored"|"changed"}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import redis
+from django_redis import get_redis_connection
+from redis.lock import Lock
+
+from tokens import crypto
+from tokens.conf import tokens_settings
+from tokens.exceptions import DecryptionError
+
+logger = logging.getLogger(__name__)
+
+# Write an entry only if its version is not older than the newest one written; optionally publish.
+_SET_IF_NEWER = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local version = tonumber(ARGV[1])
+if version < current then return 0 end
+if version > current then redis.call('SET', KEYS[2], ARGV[1]) end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+elseif tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+if ARGV[4] == '1' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+return 1
+"""
+
+StoreError = redis.RedisError
+
+
+@dataclass(frozen=True)
+class CachedToken:
+    provider_id: int
+    version: int
+    value: str = field(repr=False)
+    token_type: str
+    expires_at: float | None  # Unix time
+    refresh_at: float | None  # Unix time
+
+
+def client() -> redis.Redis:
+    return get_redis_connection(tokens_settings.CACHE_ALIAS)  # type: ignore[no-any-return]
+
+
+def _key(kind: str, ident: object) -> str:
+    return f"{tokens_settings.REDIS_PREFIX}:{kind}:{ident}"
+
+
+def channel() -> str:
+    return f"{tokens_settings.REDIS_PREFIX}:events"
+
+
+def get(name: str) -> CachedToken | None:
+    """The cached token of ``name``, or None. Raises StoreError when Redis is unreachable."""
+    raw = client().get(_key("tok", name))
+    if raw is None:
+        return None
+    try:
+        data = json.loads(crypto.decrypt(raw.decode(), what="a cached token"))
+        return CachedToken(
+            provider_id=int(data["i"]),
+            version=int(data["v"]),
+            value=data["t"],
+            token_type=data["y"],
+            expires_at=data["e"],
+            refresh_at=data["r"],
+        )
+    except (DecryptionError, ValueError, KeyError, TypeError):
+        logger.warning("tokens: dropping an unreadable cache entry for provider %r", name)
+        client().delete(_key("tok", name))
+        return None
+
+
+def put(name: str, token: CachedToken, *, now: float, publish: bool) -> bool:
+    """Store ``token`` unless a newer version was written; publish "stored" when asked.
+
+    Returns whether it was written. Raises StoreError when Redis is unreachable.
+    """
+    ttl_ms = 0
+    if token.expires_at is not None:
+        ttl_ms = int((token.expires_at - now) * 1000)
+        if ttl_ms <= 0:
+            return False
+    payload = crypto.encrypt(
+        json.dumps(
+            {
+                "i": token.provider_id,
+                "v": token.version,
+                "t": token.value,
+                "y": token.token_type,
+                "e": token.expires_at,
+                "r": token.refresh_at,
+            }
+        )
+    )
+    message = json.dumps({"n": name, "v": token.version, "e": "stored"})
+    return _set_if_newer(name, token.version, payload, ttl_ms, publish, message)
+
+
+def invalidate(name: str, version: int) -> bool:
+    """Drop the cached token of ``name`` and fence out writers older than ``version``; publish."""
+    message = json.dumps({"n": name, "v": version, "e": "changed"})
+    return _set_if_newer(name, version, "", 0, True, message)
+
+
+def forget(name: str) -> None:
+    """Remove every key of a deleted provider and tell the other processes."""
+    c = client()
+    c.delete(_key("tok", name), _key("ver", name))
+    c.publish(channel(), json.dumps({"n": name, "v": 0, "e": "changed"}))
+
+
+def _set_if_newer(
+    name: str, version: int, payload: str, ttl_ms: int, publish: bool, message: str
+) -> bool:
+    script = client().register_script(_SET_IF_NEWER)
+    written = script(
+        keys=[_key("tok", name), _key("ver", name)],
+        args=[version, payload, ttl_ms, "1" if publish else "0", channel(), message],
+    )
+    return bool(written)
+
+
+def refresh_lock(provider_id: int) -> Lock:
+    """The fleet-wide lock of one provider's refresh; it expires by its TTL if its holder dies."""
+    return client().lock(
+        _key("lock", provider_id),
+        timeout=tokens_settings.seconds("LOCK_TTL"),
+        blocking=False,
+    )
+
+
+def mark_pending(provider_id: int) -> bool:
+    """Claim the right to enqueue a refresh for readers; False if one was asked for already."""
+    ttl_ms = int(tokens_settings.seconds("PENDING_TTL") * 1000)
+    return bool(client().set(_key("pending", provider_id), "1", nx=True, px=ttl_ms))
+
+
+def clear_pending(provider_id: int) -> None:
+    client().delete(_key("pending", provider_id))
