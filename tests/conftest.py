@@ -20,8 +20,12 @@ def redis_client() -> Iterator[redis.Redis]:
 
 @pytest.fixture(autouse=True)
 def _flush_redis(redis_client: redis.Redis) -> None:
-    """Every test starts with an empty cache database (the broker lives on another one)."""
+    """Every test starts with an empty cache database (the broker lives on another one) and
+    an empty per-process token memory."""
+    from tokens import notify
+
     redis_client.flushdb()
+    notify.memory.clear()
 
 
 @pytest.fixture(scope="session")

@@ -293,7 +293,9 @@ def provider_invalidate(*, provider: Provider, reset_failures: bool = False) -> 
     state_of(provider.pk)
     with transaction.atomic():
         fence = _next_fence(provider.pk)
-        changes: dict[str, object] = {"current_version": fence, "expires_at": None}
+        changes: dict[str, object] = {
+            "current_version": fence, "expires_at": None, "last_refresh_at": None
+        }
         if reset_failures:
             changes.update(
                 consecutive_failures=0, last_error="", last_error_at=None, next_attempt_at=None

@@ -1,0 +1,190 @@
+"""get_token() in this process, against the real Redis and database (refreshes run in-test)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import redis
+from django.utils import timezone
+
+from tests.factories import make_provider
+from tests.processes import wait_for
+from tokens import ProviderDisabled, TokenError, TokenUnavailable, UnknownProvider, get_token, notify
+from tokens import api, services, store
+from tokens.models import Provider, ProviderState, Token
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def counted_provider(name: str = "api", **kwargs: object) -> Provider:
+    return make_provider(name, kind="callable", config={"path": "tests.callables.counted"}, **kwargs)
+
+
+def refreshed(name: str = "api") -> Provider:
+    provider = counted_provider(name)
+    services.token_refresh(provider_id=provider.pk, force=True)
+    return provider
+
+
+def test_public_names() -> None:
+    import tokens
+
+    assert issubclass(UnknownProvider, TokenError) and issubclass(UnknownProvider, LookupError)
+    assert issubclass(ProviderDisabled, TokenError) and issubclass(TokenUnavailable, TokenError)
+    assert tokens.get_token is api.get_token
+
+
+@pytest.mark.timeout(10)
+def test_get_token__unknown_name_raises_at_once() -> None:
+    with pytest.raises(UnknownProvider, match="no token provider named 'nope'"):
+        get_token("nope", timeout=60)
+    with pytest.raises(LookupError):
+        get_token("nope", timeout=60)
+
+
+@pytest.mark.timeout(10)
+def test_get_token__disabled_provider_raises_at_once() -> None:
+    counted_provider(enabled=False)
+    with pytest.raises(ProviderDisabled, match="'api' is disabled"):
+        get_token("api", timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("name", "timeout", "error"),
+    [
+        ("", None, ValueError),
+        (None, None, TypeError),
+        (b"api", None, TypeError),
+        (["api"], None, TypeError),
+        ("api", -1, ValueError),
+        ("api", float("nan"), ValueError),
+        ("api", "5", TypeError),
+    ],
+)
+def test_get_token__bad_arguments(name: object, timeout: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="get_token"):
+        get_token(name, timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_get_token__reads_redis_then_keeps_it_in_memory(redis_client: redis.Redis) -> None:
+    refreshed()
+    assert get_token("api") == "api-token-1"
+    assert notify.memory["api"][0] == "api-token-1"
+    redis_client.delete("tokens:tok:api")  # behind its back: memory still answers
+    assert get_token("api") == "api-token-1"
+
+
+def test_get_token__falls_back_to_the_database_and_refills_redis(redis_client: redis.Redis) -> None:
+    refreshed()
+    redis_client.flushdb()
+    assert get_token("api") == "api-token-1"
+    assert store.get("api").value == "api-token-1"
+
+
+def test_get_token__never_returns_an_expired_token(redis_client: redis.Redis) -> None:
+    provider = refreshed()
+    Token.objects.filter(provider=provider).update(expires_at=timezone.now() - timedelta(seconds=1))
+    redis_client.flushdb()
+    with pytest.raises(TokenUnavailable) as caught:
+        get_token("api", timeout=0.3)
+    assert "waited" in str(caught.value) and "api-token" not in str(caught.value)
+
+
+def test_get_token__timeout_names_the_last_error() -> None:
+    provider = make_provider("api", config={"client_id": "c"})  # invalid config
+    services.token_refresh(provider_id=provider.pk)
+    with pytest.raises(TokenUnavailable) as caught:
+        get_token("api", timeout=0.2)
+    assert "last refresh error: permanent: invalid provider config" in str(caught.value)
+
+
+def test_get_token__waits_for_first_token_and_wakes_on_the_notification(settings) -> None:
+    settings.TOKENS_WAIT_RECHECK = 60  # a wake-up can only come from the notification
+    provider = counted_provider()
+
+    def refresh_later() -> None:
+        time.sleep(0.3)
+        services.token_refresh(provider_id=provider.pk, force=True)
+
+    thread = threading.Thread(target=refresh_later)
+    thread.start()
+    started = time.monotonic()
+    assert get_token("api", timeout=30) == "api-token-1"
+    thread.join()
+    assert time.monotonic() - started < 30  # woken, not timed out
+
+
+def test_get_token__asks_for_exactly_one_refresh(redis_client: redis.Redis) -> None:
+    provider = counted_provider()
+    with pytest.raises(TokenUnavailable):
+        get_token("api", timeout=0.2)
+    assert redis_client.exists(f"tokens:pending:{provider.pk}")
+
+
+def test_get_token__token_stored_between_read_and_wait_is_not_missed(
+    settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SUBSCRIBE, then GET, then wait: a store that lands right after the miss still wakes us."""
+    settings.TOKENS_WAIT_RECHECK = 60
+    provider = counted_provider()
+    notify.listener.ensure_running()
+    notify.listener.connected.wait(5)
+    original = api._Reader.read
+    calls = []
+
+    def read_then_store(self: api._Reader) -> str | None:
+        value = original(self)
+        if not calls:
+            calls.append(1)
+            services.token_refresh(provider_id=provider.pk, force=True)  # lands before the wait
+        return value
+
+    monkeypatch.setattr(api._Reader, "read", read_then_store)
+    assert get_token("api", timeout=20) == "api-token-1"
+
+
+def test_get_token__near_expiry_serves_the_token_and_asks_for_a_new_one(redis_client: redis.Redis) -> None:
+    provider = refreshed()
+    Token.objects.filter(provider=provider).update(refresh_at=timezone.now() - timedelta(seconds=1))
+    redis_client.flushdb()
+    assert get_token("api") == "api-token-1"
+    assert redis_client.exists(f"tokens:pending:{provider.pk}")
+
+
+def test_get_token__memory_follows_a_new_token_from_elsewhere() -> None:
+    provider = refreshed()
+    assert get_token("api") == "api-token-1"
+    services.token_refresh(provider_id=provider.pk, force=True)
+    wait_for(lambda: get_token("api") == "api-token-2", 5, message="the new token")
+
+
+def test_get_token__disabling_reaches_memory(settings) -> None:
+    provider = refreshed()
+    assert get_token("api") == "api-token-1"
+    provider.enabled = False
+    provider.save()
+
+    def disabled() -> bool:
+        try:
+            get_token("api", timeout=0)
+        except ProviderDisabled:
+            return True
+        return False
+
+    wait_for(disabled, 5, message="ProviderDisabled")
+
+
+def test_get_token__config_change_never_serves_the_old_token() -> None:
+    provider = refreshed()
+    assert get_token("api") == "api-token-1"
+    provider.config = {"path": "tests.callables.mapping"}
+    provider.save()
+    wait_for(lambda: "api" not in notify.memory, 5, message="memory to drop the old token")
+    with pytest.raises(TokenUnavailable):
+        get_token("api", timeout=0.2)  # no worker here: no new token, and never the old one
+    services.token_refresh(provider_id=provider.pk)
+    assert get_token("api") == "mapped"
+    assert ProviderState.objects.get(provider=provider).current_version > 1
