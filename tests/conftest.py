@@ -28,23 +28,17 @@ def _flush_redis(redis_client: redis.Redis) -> None:
     notify.memory.clear()
 
 
-@pytest.fixture(scope="session")
-def _worker_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("worker")
+@pytest.fixture(scope="module")
+def worker(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    """A real ``celery worker`` process on the test Redis and the test database, for a module.
 
-
-@pytest.fixture(scope="session")
-def worker(
-    django_db_setup: None, django_db_blocker: object, _worker_tmp: Path
-) -> Iterator[Process]:
-    """A real ``celery worker`` process on the test Redis and the test database, for the session.
-
-    Tests that use it must also use ``transactional_db`` so the worker sees their rows.
+    Tests that use it must also use ``transactional_db`` so the worker sees their rows. Tests
+    of other modules run with no worker consuming their messages.
     """
     from project.celery import app
 
     app.control.purge()
-    worker = start_worker(_worker_tmp)
+    worker = start_worker(tmp_path_factory.mktemp("worker"))
     yield worker
     worker.stop()
 

@@ -12,11 +12,21 @@ def oauth2_config(url: str, **extra: Any) -> dict[str, Any]:
     return {"token_url": url, "client_id": "client-1", **extra}
 
 
-def make_provider(name: str = "api", *, kind: str = "oauth2_client_credentials",
-                  config: dict[str, Any] | None = None, secret: str = SECRET,
-                  interval: float = 300, enabled: bool = True) -> Provider:
+def make_provider(
+    name: str = "api",
+    *,
+    kind: str = "oauth2_client_credentials",
+    config: dict[str, Any] | None = None,
+    secret: str = SECRET,
+    interval: float = 300,
+    enabled: bool = True,
+) -> Provider:
     """Create a provider the way a user would in code (signals schedule and refresh it)."""
     return Provider.objects.create(
-        name=name, kind=kind, config=config if config is not None else {},
-        secret=secret, refresh_interval=timedelta(seconds=interval), enabled=enabled,
+        name=name,
+        kind=kind,
+        config=config if config is not None else {},
+        secret=secret,
+        refresh_interval=timedelta(seconds=interval),
+        enabled=enabled,
     )

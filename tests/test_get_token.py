@@ -12,15 +12,26 @@ from django.utils import timezone
 
 from tests.factories import make_provider
 from tests.processes import wait_for
-from tokens import ProviderDisabled, TokenError, TokenUnavailable, UnknownProvider, get_token, notify
-from tokens import api, services, store
+from tokens import (
+    ProviderDisabled,
+    TokenError,
+    TokenUnavailable,
+    UnknownProvider,
+    api,
+    get_token,
+    notify,
+    services,
+    store,
+)
 from tokens.models import Provider, ProviderState, Token
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def counted_provider(name: str = "api", **kwargs: object) -> Provider:
-    return make_provider(name, kind="callable", config={"path": "tests.callables.counted"}, **kwargs)
+    return make_provider(
+        name, kind="callable", config={"path": "tests.callables.counted"}, **kwargs
+    )
 
 
 def refreshed(name: str = "api") -> Provider:
@@ -118,10 +129,18 @@ def test_get_token__waits_for_first_token_and_wakes_on_the_notification(settings
 
 
 def test_get_token__asks_for_exactly_one_refresh(redis_client: redis.Redis) -> None:
+    from django.conf import settings
+
+    from project.celery import app
+
     provider = counted_provider()
-    with pytest.raises(TokenUnavailable):
-        get_token("api", timeout=0.2)
+    app.control.purge()
+    for _ in range(3):
+        with pytest.raises(TokenUnavailable):
+            get_token("api", timeout=0.2)
     assert redis_client.exists(f"tokens:pending:{provider.pk}")
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    assert broker.llen("celery") == 1  # three waiting callers, one refresh message
 
 
 def test_get_token__token_stored_between_read_and_wait_is_not_missed(
@@ -146,7 +165,9 @@ def test_get_token__token_stored_between_read_and_wait_is_not_missed(
     assert get_token("api", timeout=20) == "api-token-1"
 
 
-def test_get_token__near_expiry_serves_the_token_and_asks_for_a_new_one(redis_client: redis.Redis) -> None:
+def test_get_token__near_expiry_serves_the_token_and_asks_for_a_new_one(
+    redis_client: redis.Redis,
+) -> None:
     provider = refreshed()
     Token.objects.filter(provider=provider).update(refresh_at=timezone.now() - timedelta(seconds=1))
     redis_client.flushdb()

@@ -20,9 +20,11 @@ pytestmark = pytest.mark.django_db
 
 def valid(**overrides: object) -> Provider:
     fields: dict[str, object] = {
-        "name": "api", "kind": "oauth2_client_credentials",
+        "name": "api",
+        "kind": "oauth2_client_credentials",
         "config": {"token_url": "https://auth.example.com/token", "client_id": "c"},
-        "secret": SECRET, "refresh_interval": timedelta(minutes=5),
+        "secret": SECRET,
+        "refresh_interval": timedelta(minutes=5),
     }
     fields.update(overrides)
     return Provider(**fields)
@@ -43,8 +45,16 @@ def test_full_clean__accepts_a_valid_provider() -> None:
     [
         ({"kind": "smoke_signals"}, "kind", "not a valid choice"),
         ({"config": {"client_id": "c"}}, "config", "token_url: this key is required"),
-        ({"config": {"token_url": "http://auth.example.com/t", "client_id": "c"}}, "config", "https"),
-        ({"config": {"token_url": "https://a.example/t", "client_id": "c", "x": 1}}, "config", "x: unknown key"),
+        (
+            {"config": {"token_url": "http://auth.example.com/t", "client_id": "c"}},
+            "config",
+            "https",
+        ),
+        (
+            {"config": {"token_url": "https://a.example/t", "client_id": "c", "x": 1}},
+            "config",
+            "x: unknown key",
+        ),
         ({"secret": ""}, "secret", "a secret is required"),
         ({"refresh_interval": timedelta(seconds=0)}, "refresh_interval", ""),
         ({"refresh_interval": timedelta(seconds=-5)}, "refresh_interval", ""),
@@ -52,7 +62,9 @@ def test_full_clean__accepts_a_valid_provider() -> None:
         ({"kind": "callable", "config": {"path": "nowhere.fn"}}, "config", "cannot import"),
     ],
 )
-def test_full_clean__field_level_errors(overrides: dict[str, object], field: str, fragment: str) -> None:
+def test_full_clean__field_level_errors(
+    overrides: dict[str, object], field: str, fragment: str
+) -> None:
     errors = errors_of(valid(**overrides))
     assert field in errors, errors
     assert any(fragment in message for message in errors[field]), errors

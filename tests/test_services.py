@@ -22,7 +22,9 @@ pytestmark = pytest.mark.django_db
 
 
 def counted_provider(name: str = "api", **kwargs: object) -> Provider:
-    return make_provider(name, kind="callable", config={"path": "tests.callables.counted"}, **kwargs)
+    return make_provider(
+        name, kind="callable", config={"path": "tests.callables.counted"}, **kwargs
+    )
 
 
 def state(provider: Provider) -> ProviderState:
@@ -36,7 +38,10 @@ def test_refresh__stores_token_encrypted_in_db_and_redis(redis_client: redis.Red
     token = Token.objects.get(provider=provider)
     assert token.value == "api-token-1"
     assert token.version == state(provider).current_version
-    assert token.fingerprint == crypto.fingerprint("api-token-1") and "api-token" not in token.fingerprint
+    assert (
+        token.fingerprint == crypto.fingerprint("api-token-1")
+        and "api-token" not in token.fingerprint
+    )
     raw = redis_client.get("tokens:tok:api")
     assert raw is not None and b"api-token-1" not in raw
     cached = store.get("api")
@@ -90,8 +95,12 @@ def test_refresh__keeps_history_to_the_setting(settings) -> None:
 
 
 def test_refresh__keeps_last_good_token_when_endpoint_fails(httpserver: HTTPServer) -> None:
-    httpserver.expect_ordered_request("/token").respond_with_json({"access_token": "good", "expires_in": 600})
-    httpserver.expect_ordered_request("/token").respond_with_json({"error": "server_error"}, status=500)
+    httpserver.expect_ordered_request("/token").respond_with_json(
+        {"access_token": "good", "expires_in": 600}
+    )
+    httpserver.expect_ordered_request("/token").respond_with_json(
+        {"error": "server_error"}, status=500
+    )
     provider = make_provider(config=oauth2_config(httpserver.url_for("/token")))
     assert services.token_refresh(provider_id=provider.pk).outcome == Outcome.STORED
     result = services.token_refresh(provider_id=provider.pk, force=True)
@@ -139,7 +148,8 @@ def test_refresh__permanent_error_waits_for_the_schedule(httpserver: HTTPServer)
 
 def test_refresh__error_text_never_holds_the_secret(httpserver: HTTPServer) -> None:
     httpserver.expect_request("/token").respond_with_json(
-        {"error": "invalid_client", "error_description": f"bad secret {SECRET}"}, status=401)
+        {"error": "invalid_client", "error_description": f"bad secret {SECRET}"}, status=401
+    )
     provider = make_provider(config=oauth2_config(httpserver.url_for("/token")))
     result = services.token_refresh(provider_id=provider.pk)
     assert SECRET not in str(result.error)
@@ -178,7 +188,9 @@ def test_store__redis_refuses_an_older_version_even_without_the_db() -> None:
     assert not store.put("x", older, now=0, publish=False)
     assert store.get("x").value == "new"
     assert store.put("x", newer, now=0, publish=False)  # the same version may be put back
-    assert not store.put("x", store.CachedToken(1, 6, "late", "Bearer", now - 1, None), now=now, publish=False)
+    assert not store.put(
+        "x", store.CachedToken(1, 6, "late", "Bearer", now - 1, None), now=now, publish=False
+    )
 
 
 def test_config_change_voids_the_old_token_and_fences_inflight_refreshes() -> None:
@@ -273,10 +285,14 @@ def test_schedule__unchanged_provider_does_not_touch_its_task() -> None:
 
 def test_sync_token_schedules__reconciles_and_reports() -> None:
     provider = counted_provider()
-    Provider.objects.filter(pk=provider.pk).update(refresh_interval=timedelta(seconds=77))  # no signal
+    Provider.objects.filter(pk=provider.pk).update(
+        refresh_interval=timedelta(seconds=77)
+    )  # no signal
     PeriodicTask.objects.filter(name="tokens.refresh:api").delete()
     orphan_interval = services.interval_schedule(timedelta(seconds=10))
-    PeriodicTask.objects.create(name="tokens.refresh:gone", task="tokens.refresh_token", interval=orphan_interval)
+    PeriodicTask.objects.create(
+        name="tokens.refresh:gone", task="tokens.refresh_token", interval=orphan_interval
+    )
     out = StringIO()
     call_command("sync_token_schedules", stdout=out)
     assert "created: api" in out.getvalue() and "removed: gone" in out.getvalue()

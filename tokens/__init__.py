@@ -1,7 +1,7 @@
 """tokens: access tokens for outbound API calls, refreshed by Celery beat.
 
-    from tokens import get_token
-    headers = {"Authorization": f"Bearer {get_token('payments')}"}
+from tokens import get_token
+headers = {"Authorization": f"Bearer {get_token('payments')}"}
 """
 
 from typing import TYPE_CHECKING, Any

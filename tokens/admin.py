@@ -14,8 +14,7 @@ from tokens.models import Provider, ProviderState, Token
 
 class TokenInline(admin.TabularInline):
     model = Token
-    fields = ["version", "fingerprint", "token_type", "issued_at", "expires_at"]
-    readonly_fields = fields
+    fields = readonly_fields = ("version", "fingerprint", "token_type", "issued_at", "expires_at")
     extra = 0
     max_num = 0
     can_delete = False
@@ -28,11 +27,15 @@ class TokenInline(admin.TabularInline):
 
 class ProviderStateInline(admin.StackedInline):
     model = ProviderState
-    fields = [
-        "current_version", "last_refresh_at", "expires_at", "consecutive_failures",
-        "last_error", "last_error_at", "next_attempt_at",
-    ]
-    readonly_fields = fields
+    fields = readonly_fields = (
+        "current_version",
+        "last_refresh_at",
+        "expires_at",
+        "consecutive_failures",
+        "last_error",
+        "last_error_at",
+        "next_attempt_at",
+    )
     can_delete = False
     verbose_name_plural = "status"
 
@@ -44,8 +47,14 @@ class ProviderStateInline(admin.StackedInline):
 class ProviderAdmin(admin.ModelAdmin):
     form = ProviderForm
     list_display = [
-        "name", "kind", "enabled", "fingerprint", "expires_in", "last_refresh",
-        "failures", "last_error",
+        "name",
+        "kind",
+        "enabled",
+        "fingerprint",
+        "expires_in",
+        "last_refresh",
+        "failures",
+        "last_error",
     ]
     list_filter = ["kind", "enabled"]
     search_fields = ["name"]
@@ -104,8 +113,9 @@ class ProviderAdmin(admin.ModelAdmin):
     def refresh_now(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         for provider in queryset:
             if not provider.enabled:
-                self.message_user(request, f"{provider.name}: disabled, not refreshed.",
-                                  messages.WARNING)
+                self.message_user(
+                    request, f"{provider.name}: disabled, not refreshed.", messages.WARNING
+                )
                 continue
             services.refresh_enqueue(provider_id=provider.pk, force=True)
             self.message_user(request, f"{provider.name}: refresh queued.", messages.SUCCESS)

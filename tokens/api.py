@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -76,8 +77,15 @@ class _Reader:
             self._problem("Redis unavailable")
         if cached is not None and (cached.expires_at is None or cached.expires_at > now):
             self.provider_id = cached.provider_id
-            self._remember(cached.value, cached.version, cached.token_type,
-                           cached.expires_at, cached.refresh_at, now, generation)
+            self._remember(
+                cached.value,
+                cached.version,
+                cached.token_type,
+                cached.expires_at,
+                cached.refresh_at,
+                now,
+                generation,
+            )
             return cached.value
         try:
             provider = selectors.provider_for_reading(name=self.name)
@@ -93,14 +101,26 @@ class _Reader:
             return None
         services.cache_token(provider, token, publish=False)
         self._remember(
-            token.value, token.version, token.token_type,
+            token.value,
+            token.version,
+            token.token_type,
             token.expires_at.timestamp() if token.expires_at else None,
-            token.refresh_at.timestamp() if token.refresh_at else None, now, generation,
+            token.refresh_at.timestamp() if token.refresh_at else None,
+            now,
+            generation,
         )
         return token.value
 
-    def _remember(self, value: str, version: int, token_type: str, expires_at: float | None,
-                  refresh_at: float | None, now: float, generation: int) -> None:
+    def _remember(
+        self,
+        value: str,
+        version: int,
+        token_type: str,
+        expires_at: float | None,
+        refresh_at: float | None,
+        now: float,
+        generation: int,
+    ) -> None:
         if refresh_at is not None and now >= refresh_at:
             # Within the margin: still valid, but ask for a new one (beat may be late or down).
             self._request_refresh()
@@ -125,10 +145,8 @@ class _Reader:
             services.refresh_now(provider_id=self.provider_id)
         except Exception as error:  # broker down: nothing will come, the deadline will tell
             self._problem(f"could not queue a refresh ({type(error).__name__})")
-            try:
+            with contextlib.suppress(store.StoreError):
                 store.clear_pending(self.provider_id)
-            except store.StoreError:
-                pass
 
     def _problem(self, text: str) -> None:
         if text not in self.problems:

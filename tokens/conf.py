@@ -1,4 +1,4 @@
-"""The app's settings, read lazily from Django settings (``TOKENS_*``) so tests can override them."""
+"""The app's settings, read lazily from Django settings (``TOKENS_*``): tests can override them."""
 
 from __future__ import annotations
 

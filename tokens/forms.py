@@ -24,7 +24,7 @@ class ProviderForm(forms.ModelForm):
         required=False,
         strip=False,
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
-        help_text="Client secret (static: the token). Never shown; leave blank to keep the current one.",
+        help_text="Client secret (static: the token). Never shown; leave blank to keep it.",
     )
 
     class Meta:

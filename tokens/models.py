@@ -26,28 +26,37 @@ class Provider(models.Model):
     """A source of access tokens: a generator kind, its config, a secret and a refresh interval."""
 
     name = models.SlugField(
-        "name", max_length=100, unique=True,
+        "name",
+        max_length=100,
+        unique=True,
         help_text="What code passes to get_token(). Letters, digits, hyphens and underscores.",
     )
     kind = models.CharField(
-        "kind", max_length=64, choices=kind_choices,
+        "kind",
+        max_length=64,
+        choices=kind_choices,
         help_text="How tokens are made (the generator).",
     )
     config = models.JSONField(
-        "config", default=dict, blank=True,
+        "config",
+        default=dict,
+        blank=True,
         help_text="Settings of the generator, as a JSON object; the keys depend on the kind.",
     )
     secret = EncryptedTextField(
-        "secret", blank=True,
+        "secret",
+        blank=True,
         help_text="Client secret (or the token of a static provider). Stored encrypted.",
     )
     refresh_interval = models.DurationField(
-        "refresh interval", default=timedelta(minutes=5),
+        "refresh interval",
+        default=timedelta(minutes=5),
         validators=[MinValueValidator(INTERVAL_FLOOR)],
         help_text="How often Celery beat refreshes the token, e.g. 00:05:00.",
     )
     enabled = models.BooleanField(
-        "enabled", default=True,
+        "enabled",
+        default=True,
         help_text="Disabled providers are not refreshed and get_token() raises ProviderDisabled.",
     )
     created_at = models.DateTimeField("created", auto_now_add=True, help_text="When it was added.")
@@ -80,7 +89,9 @@ class Provider(models.Model):
         if self.kind not in registry():
             errors.setdefault("kind", []).append(f"Unknown kind {self.kind!r}.")
         else:
-            for field, messages in get_generator(self.kind).validate(self.config, self.secret).items():
+            for field, messages in (
+                get_generator(self.kind).validate(self.config, self.secret).items()
+            ):
                 errors.setdefault(field, []).extend(messages)
         if errors:
             raise ValidationError(errors)
@@ -94,21 +105,28 @@ class ProviderState(models.Model):
     """
 
     provider = models.OneToOneField(
-        Provider, on_delete=models.CASCADE, primary_key=True, related_name="refresh_state",
-        verbose_name="provider", help_text="The provider this state belongs to.",
+        Provider,
+        on_delete=models.CASCADE,
+        primary_key=True,
+        related_name="refresh_state",
+        verbose_name="provider",
+        help_text="The provider this state belongs to.",
     )
     fence = models.PositiveBigIntegerField(
         "fence", default=0, help_text="Highest version handed to a refresh or an invalidation."
     )
     current_version = models.PositiveBigIntegerField(
-        "current version", default=0,
+        "current version",
+        default=0,
         help_text="Version of the token that is valid now; tokens below it are void.",
     )
     last_refresh_at = models.DateTimeField(
         "last refresh", null=True, blank=True, help_text="When the current token was stored."
     )
     expires_at = models.DateTimeField(
-        "expires at", null=True, blank=True,
+        "expires at",
+        null=True,
+        blank=True,
         help_text="Expiry of the current token (empty: it does not expire, or there is none).",
     )
     consecutive_failures = models.PositiveIntegerField(
@@ -121,7 +139,9 @@ class ProviderState(models.Model):
         "last error at", null=True, blank=True, help_text="When the last refresh failed."
     )
     next_attempt_at = models.DateTimeField(
-        "next attempt", null=True, blank=True,
+        "next attempt",
+        null=True,
+        blank=True,
         help_text="After a failure, refreshes other than forced ones wait until then (backoff).",
     )
 
@@ -151,7 +171,10 @@ class Token(models.Model):
     """One token a provider issued. The last TOKENS_HISTORY are kept per provider."""
 
     provider = models.ForeignKey(
-        Provider, on_delete=models.CASCADE, related_name="tokens", verbose_name="provider",
+        Provider,
+        on_delete=models.CASCADE,
+        related_name="tokens",
+        verbose_name="provider",
         help_text="The provider that issued it.",
     )
     version = models.PositiveBigIntegerField(
@@ -169,7 +192,9 @@ class Token(models.Model):
         "expires at", null=True, blank=True, help_text="Empty when the issuer gave no expiry."
     )
     refresh_at = models.DateTimeField(
-        "refresh at", null=True, blank=True,
+        "refresh at",
+        null=True,
+        blank=True,
         help_text="From then on, readers ask for a new token (expiry minus a jittered margin).",
     )
 
@@ -177,7 +202,9 @@ class Token(models.Model):
         ordering = ["provider", "-version"]
         get_latest_by = "version"
         constraints = [
-            models.UniqueConstraint(fields=["provider", "version"], name="tokens_token_version_unique"),
+            models.UniqueConstraint(
+                fields=["provider", "version"], name="tokens_token_version_unique"
+            ),
         ]
 
     def __str__(self) -> str:

@@ -15,6 +15,7 @@ from django.db.models import F
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from redis.exceptions import LockError
+from redis.lock import Lock
 
 from tokens import crypto, store
 from tokens.conf import tokens_settings
@@ -65,9 +66,9 @@ def token_refresh(*, provider_id: int, force: bool = False) -> RefreshResult:
     early = _skip_reason(provider, state, force)
     if early is not None:
         return RefreshResult(early)
-    lock = store.refresh_lock(provider_id)
+    lock: Lock | None = store.refresh_lock(provider_id)
     try:
-        acquired = lock.acquire()
+        acquired = bool(lock.acquire()) if lock is not None else False
     except store.StoreError:
         # Without Redis there is no lock; the version fence still keeps stores ordered.
         logger.warning("tokens: Redis unavailable, refreshing %s without the lock", provider.name)
@@ -103,11 +104,11 @@ def _skip_reason(provider: Provider, state: ProviderState, force: bool) -> Outco
     return None
 
 
-def _release(lock: object, provider_id: int) -> None:
+def _release(lock: Lock | None, provider_id: int) -> None:
     try:
         store.clear_pending(provider_id)
         if lock is not None:
-            lock.release()  # type: ignore[attr-defined]
+            lock.release()
     except LockError:
         logger.warning("tokens: refresh lock of provider %s expired before release", provider_id)
     except store.StoreError:
@@ -134,14 +135,19 @@ def _refresh_locked(provider: Provider, state: ProviderState) -> RefreshResult:
     if token is None:
         logger.info(
             "refresh discarded provider=%s version=%s outcome=stale duration_ms=%d",
-            provider.name, fence, duration * 1000,
+            provider.name,
+            fence,
+            duration * 1000,
         )
         return RefreshResult(Outcome.STALE)
     logger.info(
         "refresh stored provider=%s version=%s fingerprint=%s expires_at=%s duration_ms=%d "
         "outcome=stored",
-        provider.name, token.version, token.fingerprint,
-        token.expires_at.isoformat() if token.expires_at else "never", duration * 1000,
+        provider.name,
+        token.version,
+        token.fingerprint,
+        token.expires_at.isoformat() if token.expires_at else "never",
+        duration * 1000,
     )
     return RefreshResult(Outcome.STORED, token=token)
 
@@ -233,8 +239,9 @@ def cache_token(provider: Provider, token: Token, *, publish: bool) -> bool:
     try:
         return store.put(provider.name, cached, now=time.time(), publish=publish)
     except store.StoreError:
-        logger.warning("tokens: Redis unavailable, token of %s stored in the database only",
-                       provider.name)
+        logger.warning(
+            "tokens: Redis unavailable, token of %s stored in the database only", provider.name
+        )
         return False
 
 
@@ -271,8 +278,13 @@ def _record_failure(
     logger.warning(
         "refresh failed provider=%s version=%s error_class=%s failures=%s duration_ms=%d "
         "retry_in=%s outcome=failed error=%s",
-        provider.name, fence, error.kind, failures, duration * 1000,
-        f"{retry_in:.1f}" if retry_in is not None else "none", message,
+        provider.name,
+        fence,
+        error.kind,
+        failures,
+        duration * 1000,
+        f"{retry_in:.1f}" if retry_in is not None else "none",
+        message,
     )
     return RefreshResult(Outcome.FAILED, error=error, retry_in=retry_in)
 
@@ -294,7 +306,9 @@ def provider_invalidate(*, provider: Provider, reset_failures: bool = False) -> 
     with transaction.atomic():
         fence = _next_fence(provider.pk)
         changes: dict[str, object] = {
-            "current_version": fence, "expires_at": None, "last_refresh_at": None
+            "current_version": fence,
+            "expires_at": None,
+            "last_refresh_at": None,
         }
         if reset_failures:
             changes.update(
@@ -304,8 +318,9 @@ def provider_invalidate(*, provider: Provider, reset_failures: bool = False) -> 
     try:
         store.invalidate(provider.name, fence)
     except store.StoreError:
-        logger.warning("tokens: Redis unavailable, could not drop the cached token of %s",
-                       provider.name)
+        logger.warning(
+            "tokens: Redis unavailable, could not drop the cached token of %s", provider.name
+        )
     return fence
 
 
@@ -322,7 +337,7 @@ def refresh_enqueue(*, provider_id: int, force: bool = False) -> None:
     from tokens.tasks import refresh_token
 
     transaction.on_commit(
-        lambda: refresh_token.apply_async(args=[provider_id, force], expires=_message_ttl())
+        lambda: refresh_token.apply_async(args=(provider_id, force), expires=_message_ttl())
     )
 
 
@@ -330,7 +345,7 @@ def refresh_now(*, provider_id: int) -> None:
     """Queue a refresh now, without the broker's publish retries (a reader is waiting)."""
     from tokens.tasks import refresh_token
 
-    refresh_token.apply_async(args=[provider_id], expires=_message_ttl(), retry=False)
+    refresh_token.apply_async(args=(provider_id,), expires=_message_ttl(), retry=False)
 
 
 def _message_ttl() -> float:

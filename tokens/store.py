@@ -55,7 +55,7 @@ class CachedToken:
 
 
 def client() -> redis.Redis:
-    return get_redis_connection(tokens_settings.CACHE_ALIAS)  # type: ignore[no-any-return]
+    return get_redis_connection(tokens_settings.CACHE_ALIAS)
 
 
 def _key(kind: str, ident: object) -> str:
@@ -68,7 +68,7 @@ def channel() -> str:
 
 def get(name: str) -> CachedToken | None:
     """The cached token of ``name``, or None. Raises StoreError when Redis is unreachable."""
-    raw = client().get(_key("tok", name))
+    raw: bytes | None = client().get(_key("tok", name))  # type: ignore[assignment]
     if raw is None:
         return None
     try:

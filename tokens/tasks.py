@@ -11,5 +11,5 @@ def refresh_token(provider_id: int, force: bool = False) -> None:
     result = services.token_refresh(provider_id=provider_id, force=force)
     if result.retry_in is not None:
         refresh_token.apply_async(
-            args=[provider_id], countdown=result.retry_in, expires=result.retry_in + 60
+            args=(provider_id,), countdown=result.retry_in, expires=result.retry_in + 60
         )

@@ -37,8 +37,10 @@ class ConfigErrors(dict[str, list[str]]):
 
 
 class Generator:
-    """Base class of the generator kinds. Subclasses set the class attributes and implement
-    ``check_config`` and ``generate``."""
+    """Base class of the generator kinds.
+
+    Subclasses set the class attributes and implement ``check_config`` and ``generate``.
+    """
 
     kind: ClassVar[str]
     label: ClassVar[str]
@@ -49,7 +51,7 @@ class Generator:
     example_config: ClassVar[dict[str, Any]] = {}
 
     def validate(self, config: object, secret: str) -> ConfigErrors:
-        """Return the field-level errors of ``config`` and ``secret`` for this kind (empty if ok)."""
+        """The field-level errors of ``config`` and ``secret`` for this kind (empty when valid)."""
         errors = ConfigErrors()
         if not isinstance(config, Mapping):
             errors.add("config", "must be a JSON object")

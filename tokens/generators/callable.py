@@ -25,7 +25,7 @@ def load(path: str) -> Callable[..., Any]:
     function = import_string(path)
     if not callable(function):
         raise TypeError(f"{path} is not callable")
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 class CallableGenerator(Generator):
@@ -81,4 +81,3 @@ class CallableGenerator(Generator):
             f"callable returned {type(result).__name__}; expected str, mapping or GeneratedToken",
             transient=False,
         )
-

@@ -73,7 +73,8 @@ def parse_token_response(response: requests.Response) -> GeneratedToken:
         )
     if status == 429 or status >= 500:
         raise GeneratorError(
-            f"token endpoint answered HTTP {status}", transient=True,
+            f"token endpoint answered HTTP {status}",
+            transient=True,
             retry_after=_retry_after(response),
         )
     if status >= 400 or status < 200:
@@ -88,7 +89,7 @@ def parse_token_response(response: requests.Response) -> GeneratedToken:
     return token_from_mapping(data, now=datetime.now(UTC))
 
 
-class _Session(OAuth2Session):  # type: ignore[misc]
+class _Session(OAuth2Session):
     def parse_response_token(self, resp: requests.Response) -> GeneratedToken:
         return parse_token_response(resp)
 

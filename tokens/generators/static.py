@@ -15,7 +15,6 @@ class StaticGenerator(Generator):
     label = "Static token"
     secret_required = True
     help_text = "No config keys. The provider's secret is the token; it does not expire."
-    example_config: dict[str, str] = {}
 
     def generate(self, provider: Provider) -> GeneratedToken:
         return GeneratedToken(access_token=provider.secret, token_type="Bearer", expires_at=None)

@@ -9,76 +9,272 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Provider',
+            name="Provider",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.SlugField(help_text='What code passes to get_token(). Letters, digits, hyphens and underscores.', max_length=100, unique=True, verbose_name='name')),
-                ('kind', models.CharField(choices=tokens.generators.kind_choices, help_text='How tokens are made (the generator).', max_length=64, verbose_name='kind')),
-                ('config', models.JSONField(blank=True, default=dict, help_text='Settings of the generator, as a JSON object; the keys depend on the kind.', verbose_name='config')),
-                ('secret', tokens.fields.EncryptedTextField(blank=True, help_text='Client secret (or the token of a static provider). Stored encrypted.', verbose_name='secret')),
-                ('refresh_interval', models.DurationField(default=datetime.timedelta(seconds=300), help_text='How often Celery beat refreshes the token, e.g. 00:05:00.', validators=[django.core.validators.MinValueValidator(datetime.timedelta(seconds=1))], verbose_name='refresh interval')),
-                ('enabled', models.BooleanField(default=True, help_text='Disabled providers are not refreshed and get_token() raises ProviderDisabled.', verbose_name='enabled')),
-                ('created_at', models.DateTimeField(auto_now_add=True, help_text='When it was added.', verbose_name='created')),
-                ('updated_at', models.DateTimeField(auto_now=True, help_text='When it last changed.', verbose_name='updated')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.SlugField(
+                        help_text="What code passes to get_token(). Letters, digits, hyphens and underscores.",
+                        max_length=100,
+                        unique=True,
+                        verbose_name="name",
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=tokens.generators.kind_choices,
+                        help_text="How tokens are made (the generator).",
+                        max_length=64,
+                        verbose_name="kind",
+                    ),
+                ),
+                (
+                    "config",
+                    models.JSONField(
+                        blank=True,
+                        default=dict,
+                        help_text="Settings of the generator, as a JSON object; the keys depend on the kind.",
+                        verbose_name="config",
+                    ),
+                ),
+                (
+                    "secret",
+                    tokens.fields.EncryptedTextField(
+                        blank=True,
+                        help_text="Client secret (or the token of a static provider). Stored encrypted.",
+                        verbose_name="secret",
+                    ),
+                ),
+                (
+                    "refresh_interval",
+                    models.DurationField(
+                        default=datetime.timedelta(seconds=300),
+                        help_text="How often Celery beat refreshes the token, e.g. 00:05:00.",
+                        validators=[
+                            django.core.validators.MinValueValidator(datetime.timedelta(seconds=1))
+                        ],
+                        verbose_name="refresh interval",
+                    ),
+                ),
+                (
+                    "enabled",
+                    models.BooleanField(
+                        default=True,
+                        help_text="Disabled providers are not refreshed and get_token() raises ProviderDisabled.",
+                        verbose_name="enabled",
+                    ),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(
+                        auto_now_add=True, help_text="When it was added.", verbose_name="created"
+                    ),
+                ),
+                (
+                    "updated_at",
+                    models.DateTimeField(
+                        auto_now=True, help_text="When it last changed.", verbose_name="updated"
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'token provider',
-                'ordering': ['name'],
+                "verbose_name": "token provider",
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='Token',
+            name="Token",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('version', models.PositiveBigIntegerField(help_text='Per-provider, increasing: a newer token has a higher version.', verbose_name='version')),
-                ('value', tokens.fields.EncryptedTextField(help_text='The token, stored encrypted; never displayed.', verbose_name='value')),
-                ('token_type', models.CharField(default='Bearer', help_text='Scheme for the header.', max_length=40, verbose_name='token type')),
-                ('fingerprint', models.CharField(help_text='Short keyed hash to tell tokens apart.', max_length=16, verbose_name='fingerprint')),
-                ('issued_at', models.DateTimeField(help_text='When it was stored.', verbose_name='issued at')),
-                ('expires_at', models.DateTimeField(blank=True, help_text='Empty when the issuer gave no expiry.', null=True, verbose_name='expires at')),
-                ('refresh_at', models.DateTimeField(blank=True, help_text='From then on, readers ask for a new token (expiry minus a jittered margin).', null=True, verbose_name='refresh at')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "version",
+                    models.PositiveBigIntegerField(
+                        help_text="Per-provider, increasing: a newer token has a higher version.",
+                        verbose_name="version",
+                    ),
+                ),
+                (
+                    "value",
+                    tokens.fields.EncryptedTextField(
+                        help_text="The token, stored encrypted; never displayed.",
+                        verbose_name="value",
+                    ),
+                ),
+                (
+                    "token_type",
+                    models.CharField(
+                        default="Bearer",
+                        help_text="Scheme for the header.",
+                        max_length=40,
+                        verbose_name="token type",
+                    ),
+                ),
+                (
+                    "fingerprint",
+                    models.CharField(
+                        help_text="Short keyed hash to tell tokens apart.",
+                        max_length=16,
+                        verbose_name="fingerprint",
+                    ),
+                ),
+                (
+                    "issued_at",
+                    models.DateTimeField(help_text="When it was stored.", verbose_name="issued at"),
+                ),
+                (
+                    "expires_at",
+                    models.DateTimeField(
+                        blank=True,
+                        help_text="Empty when the issuer gave no expiry.",
+                        null=True,
+                        verbose_name="expires at",
+                    ),
+                ),
+                (
+                    "refresh_at",
+                    models.DateTimeField(
+                        blank=True,
+                        help_text="From then on, readers ask for a new token (expiry minus a jittered margin).",
+                        null=True,
+                        verbose_name="refresh at",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['provider', '-version'],
-                'get_latest_by': 'version',
+                "ordering": ["provider", "-version"],
+                "get_latest_by": "version",
             },
         ),
         migrations.CreateModel(
-            name='ProviderState',
+            name="ProviderState",
             fields=[
-                ('provider', models.OneToOneField(help_text='The provider this state belongs to.', on_delete=django.db.models.deletion.CASCADE, primary_key=True, related_name='refresh_state', serialize=False, to='tokens.provider', verbose_name='provider')),
-                ('fence', models.PositiveBigIntegerField(default=0, help_text='Highest version handed to a refresh or an invalidation.', verbose_name='fence')),
-                ('current_version', models.PositiveBigIntegerField(default=0, help_text='Version of the token that is valid now; tokens below it are void.', verbose_name='current version')),
-                ('last_refresh_at', models.DateTimeField(blank=True, help_text='When the current token was stored.', null=True, verbose_name='last refresh')),
-                ('expires_at', models.DateTimeField(blank=True, help_text='Expiry of the current token (empty: it does not expire, or there is none).', null=True, verbose_name='expires at')),
-                ('consecutive_failures', models.PositiveIntegerField(default=0, help_text='Failed refreshes since the last success.', verbose_name='consecutive failures')),
-                ('last_error', models.CharField(blank=True, help_text='The last refresh error, sanitized.', max_length=300, verbose_name='last error')),
-                ('last_error_at', models.DateTimeField(blank=True, help_text='When the last refresh failed.', null=True, verbose_name='last error at')),
-                ('next_attempt_at', models.DateTimeField(blank=True, help_text='After a failure, refreshes other than forced ones wait until then (backoff).', null=True, verbose_name='next attempt')),
+                (
+                    "provider",
+                    models.OneToOneField(
+                        help_text="The provider this state belongs to.",
+                        on_delete=django.db.models.deletion.CASCADE,
+                        primary_key=True,
+                        related_name="refresh_state",
+                        serialize=False,
+                        to="tokens.provider",
+                        verbose_name="provider",
+                    ),
+                ),
+                (
+                    "fence",
+                    models.PositiveBigIntegerField(
+                        default=0,
+                        help_text="Highest version handed to a refresh or an invalidation.",
+                        verbose_name="fence",
+                    ),
+                ),
+                (
+                    "current_version",
+                    models.PositiveBigIntegerField(
+                        default=0,
+                        help_text="Version of the token that is valid now; tokens below it are void.",
+                        verbose_name="current version",
+                    ),
+                ),
+                (
+                    "last_refresh_at",
+                    models.DateTimeField(
+                        blank=True,
+                        help_text="When the current token was stored.",
+                        null=True,
+                        verbose_name="last refresh",
+                    ),
+                ),
+                (
+                    "expires_at",
+                    models.DateTimeField(
+                        blank=True,
+                        help_text="Expiry of the current token (empty: it does not expire, or there is none).",
+                        null=True,
+                        verbose_name="expires at",
+                    ),
+                ),
+                (
+                    "consecutive_failures",
+                    models.PositiveIntegerField(
+                        default=0,
+                        help_text="Failed refreshes since the last success.",
+                        verbose_name="consecutive failures",
+                    ),
+                ),
+                (
+                    "last_error",
+                    models.CharField(
+                        blank=True,
+                        help_text="The last refresh error, sanitized.",
+                        max_length=300,
+                        verbose_name="last error",
+                    ),
+                ),
+                (
+                    "last_error_at",
+                    models.DateTimeField(
+                        blank=True,
+                        help_text="When the last refresh failed.",
+                        null=True,
+                        verbose_name="last error at",
+                    ),
+                ),
+                (
+                    "next_attempt_at",
+                    models.DateTimeField(
+                        blank=True,
+                        help_text="After a failure, refreshes other than forced ones wait until then (backoff).",
+                        null=True,
+                        verbose_name="next attempt",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'refresh state',
+                "verbose_name": "refresh state",
             },
         ),
         migrations.AddConstraint(
-            model_name='provider',
-            constraint=models.CheckConstraint(condition=models.Q(('refresh_interval__gte', datetime.timedelta(seconds=1))), name='tokens_provider_refresh_interval_floor', violation_error_message='The refresh interval must be at least one second.'),
+            model_name="provider",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("refresh_interval__gte", datetime.timedelta(seconds=1))),
+                name="tokens_provider_refresh_interval_floor",
+                violation_error_message="The refresh interval must be at least one second.",
+            ),
         ),
         migrations.AddField(
-            model_name='token',
-            name='provider',
-            field=models.ForeignKey(help_text='The provider that issued it.', on_delete=django.db.models.deletion.CASCADE, related_name='tokens', to='tokens.provider', verbose_name='provider'),
+            model_name="token",
+            name="provider",
+            field=models.ForeignKey(
+                help_text="The provider that issued it.",
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="tokens",
+                to="tokens.provider",
+                verbose_name="provider",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='token',
-            constraint=models.UniqueConstraint(fields=('provider', 'version'), name='tokens_token_version_unique'),
+            model_name="token",
+            constraint=models.UniqueConstraint(
+                fields=("provider", "version"), name="tokens_token_version_unique"
+            ),
         ),
     ]
