@@ -44,6 +44,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     os.environ.setdefault("TOKENS_ENCRYPTION_KEYS", Fernet.generate_key().decode())
     # Integration tests use intervals of a second or two; the production minimum is 5 s.
     os.environ.setdefault("TOKENS_MIN_REFRESH_INTERVAL", "1")
+    os.environ.setdefault("TOKENS_RETRY_MAX", "4")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from pytest_httpserver import HTTPServer
 from django.conf import settings
 
 from tests.processes import Process, start_beat, start_worker
@@ -26,6 +27,17 @@ def _flush_redis(redis_client: redis.Redis) -> None:
 
     redis_client.flushdb()
     notify.memory.clear()
+
+
+@pytest.fixture(scope="session")
+def make_httpserver() -> Iterator[HTTPServer]:
+    """pytest-httpserver's server, threaded: a stalled request must not hold up the others."""
+    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server.start()
+    yield server
+    server.clear()
+    if server.is_running():
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +80,7 @@ def worker_factory(tmp_path: Path, django_db_setup: None) -> Iterator[Callable[.
         started.append(process)
         return process
 
+    start.started = started  # type: ignore[attr-defined]
     yield start
     for process in started:
         process.stop()

@@ -1,0 +1,197 @@
+"""The product end to end: real worker, real beat, real Redis, a real HTTP token endpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+from django.conf import settings
+from django_celery_beat.models import PeriodicTask
+from pytest_httpserver import HTTPServer
+
+from tests.factories import make_provider, oauth2_config
+from tests.integration.endpoint import TokenEndpoint
+from tests.processes import Process, run_script, wait_for
+from tokens import ProviderDisabled, get_token
+from tokens.models import Provider, ProviderState, Token
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def endpoint(httpserver: HTTPServer) -> TokenEndpoint:
+    return TokenEndpoint(httpserver)
+
+
+def current_value(provider: Provider) -> str | None:
+    version = ProviderState.objects.get(provider=provider).current_version
+    token = Token.objects.filter(provider=provider, version=version).first()
+    return token.value if token else None
+
+
+def test_new_provider__gets_its_first_token_at_once_not_an_interval_later(
+    worker: Process, endpoint: TokenEndpoint
+) -> None:
+    provider = make_provider(config=oauth2_config(endpoint.url), interval=600)
+    wait_for(lambda: current_value(provider) == "tok-1", 5, message="the first token")
+    assert endpoint.calls == 1
+    assert get_token("api") == "tok-1"
+
+
+def test_get_token__in_another_process_blocks_until_the_first_token(
+    worker: Process, endpoint: TokenEndpoint
+) -> None:
+    endpoint.delay = 1.5  # the first token takes a while
+    make_provider(config=oauth2_config(endpoint.url), interval=600)
+    result = run_script(
+        "import time\n"
+        "from tokens import get_token\n"
+        "started = time.monotonic()\n"
+        "token = get_token('api', timeout=20)\n"
+        "print(token, round(time.monotonic() - started, 2))\n"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    token, waited = result.stdout.split()
+    assert token == "tok-1"
+    assert float(waited) > 0.2  # it waited for the token instead of failing
+    assert endpoint.calls == 1
+
+
+def test_beat__brings_a_new_token_every_interval(worker: Process, beat, endpoint) -> None:
+    provider = make_provider(config=oauth2_config(endpoint.url), interval=1)
+    beat()
+    wait_for(lambda: endpoint.calls >= 4, 15, message="four refreshes")
+    versions = list(Token.objects.filter(provider=provider).values_list("version", flat=True))
+    assert len(versions) >= 3 and versions == sorted(versions, reverse=True)
+    wait_for(lambda: get_token("api") == current_value(provider), 5, message="current token")
+
+
+def test_disabled_provider__stops_refreshing_and_raises(worker: Process, beat, endpoint) -> None:
+    provider = make_provider(config=oauth2_config(endpoint.url), interval=1)
+    beat()
+    wait_for(lambda: endpoint.calls >= 2, 15, message="beat to refresh")
+    provider.enabled = False
+    provider.save()
+    assert not PeriodicTask.objects.get(name="tokens.refresh:api").enabled
+    time.sleep(1.5)  # let an in-flight refresh finish
+    calls = endpoint.calls
+    time.sleep(3)  # three intervals
+    assert endpoint.calls == calls
+    with pytest.raises(ProviderDisabled):
+        get_token("api", timeout=5)
+
+
+def test_deleted_provider__loses_its_schedule(worker: Process, beat, endpoint) -> None:
+    provider = make_provider(config=oauth2_config(endpoint.url), interval=1)
+    beat_process = beat()
+    wait_for(lambda: endpoint.calls >= 2, 15, message="beat to refresh")
+    provider.delete()
+    assert not PeriodicTask.objects.filter(name="tokens.refresh:api").exists()
+    time.sleep(1.5)
+    calls = endpoint.calls
+    log_size = len(beat_process.log())
+    time.sleep(3)
+    assert endpoint.calls == calls
+    assert "tokens.refresh:api" not in beat_process.log()[log_size:]
+
+
+CALLERS = """
+import json, sys, threading, time
+import redis
+from django.conf import settings
+from tokens import get_token
+
+client = redis.Redis.from_url(settings.REDIS_URL)
+results, errors = [], []
+barrier = threading.Barrier(20)
+
+def call():
+    barrier.wait()
+    try:
+        results.append(get_token("api", timeout=20))
+    except Exception as error:
+        errors.append(repr(error))
+
+while not client.get("test:go"):
+    time.sleep(0.01)
+threads = [threading.Thread(target=call) for _ in range(20)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(json.dumps({"results": results, "errors": errors}))
+"""
+
+
+@pytest.mark.parametrize("created_by", ["objects.create", "bulk_create (no signals)"])
+def test_cold_provider__20_threads_in_3_processes__one_endpoint_call(
+    worker: Process, endpoint: TokenEndpoint, redis_client: redis.Redis, created_by: str
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT, child_env
+
+    endpoint.delay = 0.5
+    prologue = (
+        "import django, os\n"
+        "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'project.settings')\n"
+        "django.setup()\n"
+    )
+    callers = [
+        subprocess.Popen(
+            [sys.executable, "-c", prologue + CALLERS],
+            cwd=ROOT,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    if created_by == "objects.create":
+        make_provider(config=oauth2_config(endpoint.url), interval=600)
+    else:
+        Provider.objects.bulk_create(
+            [
+                Provider(
+                    name="api",
+                    kind="oauth2_client_credentials",
+                    config=oauth2_config(endpoint.url),
+                    secret="s3cret",
+                )
+            ]
+        )
+    time.sleep(1.5)  # the callers have set Django up and wait for the go
+    redis_client.set("test:go", "1")
+    outputs = [caller.communicate(timeout=60) for caller in callers]
+    for caller, (stdout, stderr) in zip(callers, outputs, strict=True):
+        assert caller.returncode == 0, stderr[-2000:]
+        report = json.loads(stdout.strip().splitlines()[-1])
+        assert report["errors"] == []
+        assert report["results"] == ["tok-1"] * 20
+    assert endpoint.calls == 1
+
+
+def test_failing_endpoint__last_good_token_keeps_being_served(
+    worker: Process, beat, endpoint
+) -> None:
+    provider = make_provider(config=oauth2_config(endpoint.url), interval=1)
+    wait_for(lambda: current_value(provider) == "tok-1", 5, message="the first token")
+    endpoint.fail_with = (500, '{"error": "server_error"}', "application/json")
+    beat()
+    wait_for(
+        lambda: ProviderState.objects.get(provider=provider).consecutive_failures >= 2,
+        20,
+        message="refreshes to fail",
+    )
+    for _ in range(10):
+        assert get_token("api", timeout=1) == "tok-1"
+        time.sleep(0.1)
+    state = ProviderState.objects.get(provider=provider)
+    assert "server_error" in state.last_error
+    endpoint.fail_with = None
+    wait_for(lambda: get_token("api") not in ("tok-1",), 20, message="recovery")
+    assert ProviderState.objects.get(provider=provider).consecutive_failures == 0
