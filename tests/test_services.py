@@ -312,3 +312,20 @@ def test_refresh_token_command__prints_fingerprint_and_only_shows_the_token_when
     assert "api-token-2" in out.getvalue()
     with pytest.raises(CommandError, match="no token provider named 'nope'"):
         call_command("refresh_token", "nope")
+
+
+def test_refresh__never_saves_its_own_periodic_task() -> None:
+    """Saving the PeriodicTask on every run would make beat reload its schedule every run."""
+    provider = counted_provider()
+    before = periodic("api").date_changed
+    for _ in range(3):
+        services.token_refresh(provider_id=provider.pk, force=True)
+    assert periodic("api").date_changed == before
+
+
+def test_refresh__notices_when_the_issuer_returns_the_same_token(caplog) -> None:
+    provider = make_provider("api", kind="callable", config={"path": "tests.callables.mapping"})
+    services.token_refresh(provider_id=provider.pk)
+    services.token_refresh(provider_id=provider.pk, force=True)
+    assert "refresh got the same token again provider=api" in caplog.text
+    assert "mapped" not in caplog.text

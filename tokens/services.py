@@ -200,12 +200,19 @@ def _store(provider: Provider, fence: int, generated: GeneratedToken) -> Token |
         )
         if not won:
             return None
+        fingerprint = crypto.fingerprint(generated.access_token)
+        if Token.objects.filter(provider_id=provider.pk, fingerprint=fingerprint).exists():
+            # The issuer handed back a token we already had: refreshing earlier gains nothing.
+            logger.warning(
+                "refresh got the same token again provider=%s fingerprint=%s",
+                provider.name, fingerprint,
+            )
         token = Token.objects.create(
             provider_id=provider.pk,
             version=fence,
             value=generated.access_token,
             token_type=generated.token_type,
-            fingerprint=crypto.fingerprint(generated.access_token),
+            fingerprint=fingerprint,
             issued_at=now,
             expires_at=generated.expires_at,
             refresh_at=refresh_at,

@@ -59,6 +59,34 @@ def test_get_token__in_another_process_blocks_until_the_first_token(
     assert endpoint.calls == 1
 
 
+def test_get_token__works_from_a_management_command(
+    worker: Process, endpoint: TokenEndpoint
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT, child_env
+
+    make_provider(config=oauth2_config(endpoint.url), interval=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "manage.py",
+            "shell",
+            "-c",
+            "from tokens import get_token; print(get_token('api', timeout=20))",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "tok-1"
+
+
 def test_beat__brings_a_new_token_every_interval(worker: Process, beat, endpoint) -> None:
     provider = make_provider(config=oauth2_config(endpoint.url), interval=1)
     beat()
