@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from pytest_httpserver import HTTPServer
 from django.conf import settings
+from pytest_httpserver import HTTPServer
 
 from tests.processes import Process, start_beat, start_worker
 

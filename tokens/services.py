@@ -205,7 +205,8 @@ def _store(provider: Provider, fence: int, generated: GeneratedToken) -> Token |
             # The issuer handed back a token we already had: refreshing earlier gains nothing.
             logger.warning(
                 "refresh got the same token again provider=%s fingerprint=%s",
-                provider.name, fingerprint,
+                provider.name,
+                fingerprint,
             )
         token = Token.objects.create(
             provider_id=provider.pk,

@@ -7,7 +7,6 @@ import time
 
 import pytest
 import redis
-from django.conf import settings
 from django_celery_beat.models import PeriodicTask
 from pytest_httpserver import HTTPServer
 
