@@ -24,6 +24,7 @@ from tokens import (
     store,
 )
 from tokens.models import Provider, ProviderState, Token
+from tokens.services import Reason
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,7 +37,7 @@ def counted_provider(name: str = "api", **kwargs: object) -> Provider:
 
 def refreshed(name: str = "api") -> Provider:
     provider = counted_provider(name)
-    services.token_refresh(provider_id=provider.pk, force=True)
+    services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
     return provider
 
 
@@ -118,7 +119,7 @@ def test_get_token__waits_for_first_token_and_wakes_on_the_notification(settings
 
     def refresh_later() -> None:
         time.sleep(0.3)
-        services.token_refresh(provider_id=provider.pk, force=True)
+        services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
 
     thread = threading.Thread(target=refresh_later)
     thread.start()
@@ -158,7 +159,9 @@ def test_get_token__token_stored_between_read_and_wait_is_not_missed(
         value = original(self)
         if not calls:
             calls.append(1)
-            services.token_refresh(provider_id=provider.pk, force=True)  # lands before the wait
+            services.token_refresh(
+                provider_id=provider.pk, reason=Reason.MANUAL
+            )  # lands before the wait
         return value
 
     monkeypatch.setattr(api._Reader, "read", read_then_store)
@@ -178,7 +181,7 @@ def test_get_token__near_expiry_serves_the_token_and_asks_for_a_new_one(
 def test_get_token__memory_follows_a_new_token_from_elsewhere() -> None:
     provider = refreshed()
     assert get_token("api") == "api-token-1"
-    services.token_refresh(provider_id=provider.pk, force=True)
+    services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
     wait_for(lambda: get_token("api") == "api-token-2", 5, message="the new token")
 
 

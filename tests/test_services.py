@@ -16,7 +16,7 @@ from pytest_httpserver import HTTPServer
 from tests.factories import SECRET, make_provider, oauth2_config
 from tokens import crypto, services, store
 from tokens.models import Provider, ProviderState, Token
-from tokens.services import Outcome
+from tokens.services import Outcome, Reason
 
 pytestmark = pytest.mark.django_db
 
@@ -55,7 +55,10 @@ def test_refresh__skips_the_generator_while_the_token_is_fresh(redis_client: red
     services.token_refresh(provider_id=provider.pk)
     assert services.token_refresh(provider_id=provider.pk).outcome == Outcome.FRESH
     assert int(redis_client.get("test:calls:api")) == 1
-    assert services.token_refresh(provider_id=provider.pk, force=True).outcome == Outcome.STORED
+    assert (
+        services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL).outcome
+        == Outcome.STORED
+    )
     assert int(redis_client.get("test:calls:api")) == 2
 
 
@@ -88,7 +91,7 @@ def test_refresh__keeps_history_to_the_setting(settings) -> None:
     settings.TOKENS_HISTORY = 3
     provider = counted_provider()
     for _ in range(6):
-        services.token_refresh(provider_id=provider.pk, force=True)
+        services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
     versions = list(Token.objects.filter(provider=provider).values_list("version", flat=True))
     assert len(versions) == 3
     assert max(versions) == state(provider).current_version
@@ -103,7 +106,7 @@ def test_refresh__keeps_last_good_token_when_endpoint_fails(httpserver: HTTPServ
     )
     provider = make_provider(config=oauth2_config(httpserver.url_for("/token")))
     assert services.token_refresh(provider_id=provider.pk).outcome == Outcome.STORED
-    result = services.token_refresh(provider_id=provider.pk, force=True)
+    result = services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
     assert result.outcome == Outcome.FAILED and result.retry_in is not None
     current = state(provider)
     assert current.consecutive_failures == 1
@@ -141,9 +144,23 @@ def test_refresh__permanent_error_waits_for_the_schedule(httpserver: HTTPServer)
     result = services.token_refresh(provider_id=provider.pk)
     assert result.outcome == Outcome.FAILED and result.retry_in is None
     current = state(provider)
+    assert current.permanent_error
     assert current.last_error.startswith("permanent") and "invalid_client" in current.last_error
-    assert current.next_attempt_at >= timezone.now() + timedelta(seconds=250)
-    assert services.token_refresh(provider_id=provider.pk).outcome == Outcome.BACKOFF
+    hits = len(httpserver.log)
+    for reason in (Reason.READER, Reason.RETRY, Reason.SCHEDULE):  # a duplicate beat message
+        assert (
+            services.token_refresh(provider_id=provider.pk, reason=reason).outcome
+            == Outcome.BACKOFF
+        )
+    assert len(httpserver.log) == hits
+    ProviderState.objects.filter(provider=provider).update(
+        last_attempt_at=timezone.now() - timedelta(seconds=600)
+    )
+    assert services.token_refresh(provider_id=provider.pk).outcome == Outcome.FAILED  # next run
+    assert (
+        services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL).outcome
+        == Outcome.FAILED
+    )
 
 
 def test_refresh__error_text_never_holds_the_secret(httpserver: HTTPServer) -> None:
@@ -319,13 +336,25 @@ def test_refresh__never_saves_its_own_periodic_task() -> None:
     provider = counted_provider()
     before = periodic("api").date_changed
     for _ in range(3):
-        services.token_refresh(provider_id=provider.pk, force=True)
+        services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
     assert periodic("api").date_changed == before
 
 
 def test_refresh__notices_when_the_issuer_returns_the_same_token(caplog) -> None:
     provider = make_provider("api", kind="callable", config={"path": "tests.callables.mapping"})
     services.token_refresh(provider_id=provider.pk)
-    services.token_refresh(provider_id=provider.pk, force=True)
+    services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
     assert "refresh got the same token again provider=api" in caplog.text
     assert "mapped" not in caplog.text
+
+
+def test_refresh__readers_do_not_ask_again_during_the_backoff(
+    httpserver: HTTPServer, redis_client: redis.Redis
+) -> None:
+    httpserver.expect_request("/token").respond_with_data("down", status=503)
+    provider = make_provider(config=oauth2_config(httpserver.url_for("/token")))
+    services.token_refresh(provider_id=provider.pk)
+    remaining = (state(provider).next_attempt_at - timezone.now()).total_seconds()
+    ttl = redis_client.pttl(f"tokens:pending:{provider.pk}") / 1000
+    assert 0 < ttl <= remaining + 0.1
+    assert not store.mark_pending(provider.pk)  # a reader's request is absorbed

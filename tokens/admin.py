@@ -34,7 +34,9 @@ class ProviderStateInline(admin.StackedInline):
         "consecutive_failures",
         "last_error",
         "last_error_at",
+        "permanent_error",
         "next_attempt_at",
+        "last_attempt_at",
     )
     can_delete = False
     verbose_name_plural = "status"
@@ -117,7 +119,7 @@ class ProviderAdmin(admin.ModelAdmin):
                     request, f"{provider.name}: disabled, not refreshed.", messages.WARNING
                 )
                 continue
-            services.refresh_enqueue(provider_id=provider.pk, force=True)
+            services.refresh_enqueue(provider_id=provider.pk)
             self.message_user(request, f"{provider.name}: refresh queued.", messages.SUCCESS)
 
     @admin.action(description="Enable")

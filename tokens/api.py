@@ -142,7 +142,7 @@ class _Reader:
             self._problem("Redis unavailable")
             return
         try:
-            services.refresh_now(provider_id=self.provider_id)
+            services.refresh_for_reader(provider_id=self.provider_id)
         except Exception as error:  # broker down: nothing will come, the deadline will tell
             self._problem(f"could not queue a refresh ({type(error).__name__})")
             with contextlib.suppress(store.StoreError):

@@ -142,7 +142,15 @@ class ProviderState(models.Model):
         "next attempt",
         null=True,
         blank=True,
-        help_text="After a failure, refreshes other than forced ones wait until then (backoff).",
+        help_text="After a transient failure, automatic refreshes wait until then (backoff).",
+    )
+    permanent_error = models.BooleanField(
+        "permanent error",
+        default=False,
+        help_text="The last failure will not pass by retrying: only the schedule tries again.",
+    )
+    last_attempt_at = models.DateTimeField(
+        "last attempt", null=True, blank=True, help_text="When the generator was last called."
     )
 
     class Meta:

@@ -30,6 +30,15 @@ REFRESH_TASK = "tokens.refresh_token"
 SCHEDULE_PREFIX = "tokens.refresh:"
 
 
+class Reason(enum.StrEnum):
+    """Why a refresh runs; it decides which skips apply."""
+
+    SCHEDULE = "schedule"  # beat's periodic run
+    READER = "reader"  # get_token() found no valid token, or one near expiry
+    RETRY = "retry"  # the backoff after a transient failure is over
+    MANUAL = "manual"  # an operator, a new provider or a config change: skip nothing
+
+
 class Outcome(enum.StrEnum):
     STORED = "stored"
     FRESH = "skipped-fresh"
@@ -52,19 +61,21 @@ class RefreshResult:
 # ---------------------------------------------------------------------------- refresh
 
 
-def token_refresh(*, provider_id: int, force: bool = False) -> RefreshResult:
+def token_refresh(*, provider_id: int, reason: Reason = Reason.SCHEDULE) -> RefreshResult:
     """Refresh one provider's token, at most one refresh per provider at a time fleet-wide.
 
-    Skips (without calling the generator) when the provider is gone or disabled, when its token
-    is still fresh, while a failure's backoff lasts (unless ``force``), or when another refresh
-    holds the lock. Stores are fenced by version: a late, older refresh never wins.
+    Skips (without calling the generator) when the provider is gone or disabled, when another
+    refresh holds the lock, and, unless the reason is MANUAL: when its token is still fresh,
+    while a transient failure's backoff lasts, and after a permanent failure until the next
+    scheduled run. Stores are fenced by version: a late, older refresh never wins.
     """
     provider = Provider.objects.filter(pk=provider_id).first()
     if provider is None:
         return RefreshResult(Outcome.MISSING)
     state = state_of(provider_id)
-    early = _skip_reason(provider, state, force)
+    early = _skip_reason(provider, state, reason)
     if early is not None:
+        _settle_pending(provider_id, early, state)
         return RefreshResult(early)
     lock: Lock | None = store.refresh_lock(provider_id)
     try:
@@ -78,12 +89,14 @@ def token_refresh(*, provider_id: int, force: bool = False) -> RefreshResult:
     try:
         provider.refresh_from_db()
         state = state_of(provider_id)
-        early = _skip_reason(provider, state, force)
-        if early is not None:
-            return RefreshResult(early)
-        return _refresh_locked(provider, state)
+        early = _skip_reason(provider, state, reason)
+        result = RefreshResult(early) if early is not None else _refresh_locked(provider, state)
     finally:
         _release(lock, provider_id)
+    if result.outcome in (Outcome.FAILED, Outcome.BACKOFF):
+        state = state_of(provider_id)
+    _settle_pending(provider_id, result.outcome, state)
+    return result
 
 
 def state_of(provider_id: int) -> ProviderState:
@@ -91,22 +104,44 @@ def state_of(provider_id: int) -> ProviderState:
     return state
 
 
-def _skip_reason(provider: Provider, state: ProviderState, force: bool) -> Outcome | None:
+def _skip_reason(provider: Provider, state: ProviderState, reason: Reason) -> Outcome | None:
     if not provider.enabled:
         return Outcome.DISABLED
-    if force:
+    if reason == Reason.MANUAL:
         return None
     now = timezone.now()
     if state.token_is_fresh(provider.refresh_interval, now):
         return Outcome.FRESH
+    if state.permanent_error:
+        # Retrying will not help: only the schedule (once per interval) or a change tries again.
+        if reason != Reason.SCHEDULE:
+            return Outcome.BACKOFF
+        recent = state.last_attempt_at is not None and (
+            now - state.last_attempt_at < provider.refresh_interval / 2
+        )
+        return Outcome.BACKOFF if recent else None
     if state.next_attempt_at is not None and now < state.next_attempt_at:
         return Outcome.BACKOFF
     return None
 
 
+def _settle_pending(provider_id: int, outcome: Outcome, state: ProviderState) -> None:
+    """Let readers ask for a refresh again: at once, or after a failure once its backoff ends
+    (a permanent failure: not before the provider changes; the schedule still runs)."""
+    try:
+        if outcome in (Outcome.BACKOFF, Outcome.FAILED) and state.permanent_error:
+            store.hold_pending(provider_id, tokens_settings.seconds("LOCK_TTL"))
+        elif outcome in (Outcome.BACKOFF, Outcome.FAILED) and state.next_attempt_at is not None:
+            remaining = (state.next_attempt_at - timezone.now()).total_seconds()
+            store.hold_pending(provider_id, max(remaining, 0.05))
+        else:
+            store.clear_pending(provider_id)
+    except store.StoreError:
+        pass
+
+
 def _release(lock: Lock | None, provider_id: int) -> None:
     try:
-        store.clear_pending(provider_id)
         if lock is not None:
             lock.release()
     except LockError:
@@ -115,16 +150,19 @@ def _release(lock: Lock | None, provider_id: int) -> None:
         pass
 
 
-def _next_fence(provider_id: int) -> int:
+def _next_fence(provider_id: int, *, attempt: bool = False) -> int:
     """Hand out the next version; the row lock of the UPDATE orders concurrent callers."""
     states = ProviderState.objects.filter(provider_id=provider_id)
+    changes: dict[str, object] = {"fence": F("fence") + 1}
+    if attempt:
+        changes["last_attempt_at"] = timezone.now()
     with transaction.atomic():
-        states.update(fence=F("fence") + 1)
+        states.update(**changes)
         return states.values_list("fence", flat=True).get()
 
 
 def _refresh_locked(provider: Provider, state: ProviderState) -> RefreshResult:
-    fence = _next_fence(provider.pk)
+    fence = _next_fence(provider.pk, attempt=True)
     started = time.monotonic()
     try:
         generated = _generate(provider)
@@ -197,6 +235,7 @@ def _store(provider: Provider, fence: int, generated: GeneratedToken) -> Token |
             consecutive_failures=0,
             last_error="",
             next_attempt_at=None,
+            permanent_error=False,
         )
         if not won:
             return None
@@ -275,13 +314,14 @@ def _record_failure(
     else:
         # Permanent: no retries; the next scheduled run (or a config change) tries again.
         retry_in = None
-        next_attempt = now + provider.refresh_interval / 2
+        next_attempt = None
     # Only the newest refresh reports: a config change or newer refresh moved the fence on.
     ProviderState.objects.filter(provider_id=provider.pk, fence=fence).update(
         consecutive_failures=F("consecutive_failures") + 1,
         last_error=message,
         last_error_at=now,
         next_attempt_at=next_attempt,
+        permanent_error=not error.transient,
     )
     logger.warning(
         "refresh failed provider=%s version=%s error_class=%s failures=%s duration_ms=%d "
@@ -320,7 +360,11 @@ def provider_invalidate(*, provider: Provider, reset_failures: bool = False) -> 
         }
         if reset_failures:
             changes.update(
-                consecutive_failures=0, last_error="", last_error_at=None, next_attempt_at=None
+                consecutive_failures=0,
+                last_error="",
+                last_error_at=None,
+                next_attempt_at=None,
+                permanent_error=False,
             )
         ProviderState.objects.filter(provider_id=provider.pk).update(**changes)
     try:
@@ -340,20 +384,22 @@ def provider_forget(*, name: str) -> None:
         logger.warning("tokens: Redis unavailable, could not drop the cached token of %s", name)
 
 
-def refresh_enqueue(*, provider_id: int, force: bool = False) -> None:
+def refresh_enqueue(*, provider_id: int, reason: Reason = Reason.MANUAL) -> None:
     """Queue a refresh once the current transaction commits (at once outside one)."""
     from tokens.tasks import refresh_token
 
     transaction.on_commit(
-        lambda: refresh_token.apply_async(args=(provider_id, force), expires=_message_ttl())
+        lambda: refresh_token.apply_async(args=(provider_id, str(reason)), expires=_message_ttl())
     )
 
 
-def refresh_now(*, provider_id: int) -> None:
+def refresh_for_reader(*, provider_id: int) -> None:
     """Queue a refresh now, without the broker's publish retries (a reader is waiting)."""
     from tokens.tasks import refresh_token
 
-    refresh_token.apply_async(args=(provider_id,), expires=_message_ttl(), retry=False)
+    refresh_token.apply_async(
+        args=(provider_id, str(Reason.READER)), expires=_message_ttl(), retry=False
+    )
 
 
 def _message_ttl() -> float:

@@ -47,7 +47,7 @@ def follow_provider(
     if instance.enabled and (changed_inputs or re_enabled):
         if previous is not None:
             services.provider_invalidate(provider=instance, reset_failures=True)
-        services.refresh_enqueue(provider_id=instance.pk, force=True)
+        services.refresh_enqueue(provider_id=instance.pk)
     elif not instance.enabled and (previous is None or previous.enabled or changed_inputs):
         services.provider_invalidate(provider=instance, reset_failures=changed_inputs)
 

@@ -152,5 +152,10 @@ def mark_pending(provider_id: int) -> bool:
     return bool(client().set(_key("pending", provider_id), "1", nx=True, px=ttl_ms))
 
 
+def hold_pending(provider_id: int, seconds: float) -> None:
+    """Keep readers from asking again for ``seconds`` (a failure's backoff)."""
+    client().set(_key("pending", provider_id), "1", px=max(1, int(seconds * 1000)))
+
+
 def clear_pending(provider_id: int) -> None:
     client().delete(_key("pending", provider_id))

@@ -21,6 +21,8 @@ class TokenEndpoint:
         self.issued: list[str] = []
         self.delay = 0.0
         self.fail_with: tuple[int, str, str] | None = None
+        self.fail_headers: dict[str, str] = {}
+        self.times: list[float] = []  # when each call arrived (time.monotonic())
         self.delays: list[float] = []  # per-call delays, consumed first
         self._lock = threading.Lock()
         server.expect_request("/token", method="POST").respond_with_handler(self._handle)
@@ -32,6 +34,7 @@ class TokenEndpoint:
     def _handle(self, request: Request) -> Response:
         with self._lock:
             self.calls += 1
+            self.times.append(time.monotonic())
             number = self.calls
             delay = self.delays.pop(0) if self.delays else self.delay
             failure = self.fail_with
@@ -39,7 +42,9 @@ class TokenEndpoint:
             time.sleep(delay)
         if failure is not None:
             status, body, content_type = failure
-            return Response(body, status=status, content_type=content_type)
+            return Response(
+                body, status=status, content_type=content_type, headers=self.fail_headers
+            )
         token = f"tok-{number}"
         with self._lock:
             self.issued.append(token)

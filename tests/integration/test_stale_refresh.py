@@ -25,14 +25,14 @@ def test_stale_refresh__finishing_late_does_not_overwrite_the_newer_token(
     provider = make_provider(config=oauth2_config(endpoint.url), interval=600)
     wait_for(lambda: Token.objects.filter(provider=provider).count() == 1, 10, message="tok-1")
 
-    refresh_token.delay(provider.pk, True)  # call 2 starts and stalls past the lock's TTL
+    refresh_token.delay(provider.pk, "manual")  # call 2 starts and stalls past the lock's TTL
     wait_for(lambda: endpoint.calls == 2, 10, message="the stalled call")
     wait_for(
         lambda: not store.client().exists(f"tokens:lock:{provider.pk}"),
         5,
         message="the lock to expire",
     )
-    refresh_token.delay(provider.pk, True)  # call 3: takes the expired lock, stores tok-3
+    refresh_token.delay(provider.pk, "manual")  # call 3: takes the expired lock, stores tok-3
     wait_for(
         lambda: store.get("api") and store.get("api").value == "tok-3",
         10,

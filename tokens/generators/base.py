@@ -80,7 +80,8 @@ def clamp_lifetime(seconds: float) -> timedelta:
             f"token endpoint gave a non-positive or invalid expires_in ({seconds!r})",
             transient=False,
         )
-    return min(timedelta(seconds=seconds), tokens_settings.timedelta("MAX_LIFETIME"))
+    longest = tokens_settings.timedelta("MAX_LIFETIME")
+    return longest if seconds >= longest.total_seconds() else timedelta(seconds=seconds)
 
 
 def parse_expires_in(value: object) -> timedelta:

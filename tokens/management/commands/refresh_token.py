@@ -17,7 +17,7 @@ class Command(BaseCommand):
         provider = Provider.objects.filter(name=options["name"]).first()
         if provider is None:
             raise CommandError(f"no token provider named {options['name']!r}")
-        result = services.token_refresh(provider_id=provider.pk, force=True)
+        result = services.token_refresh(provider_id=provider.pk, reason=services.Reason.MANUAL)
         if result.token is None:
             detail = f": {provider.refresh_state.last_error}" if result.error else ""
             raise CommandError(f"{provider.name}: {result.outcome}{detail}")
