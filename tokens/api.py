@@ -63,7 +63,6 @@ class _Reader:
     def __init__(self, name: str) -> None:
         self.name = name
         self.provider_id: int | None = None
-        self.requested = False
         self.problems: list[str] = []
 
     def read(self) -> str | None:
@@ -132,9 +131,9 @@ class _Reader:
             _memory[self.name] = (value, until, version, token_type)
 
     def _request_refresh(self) -> None:
-        if self.requested or self.provider_id is None:
+        """Ask for a refresh unless one was asked for already (fleet-wide, by a Redis claim)."""
+        if self.provider_id is None:
             return
-        self.requested = True
         try:
             if not store.mark_pending(self.provider_id):
                 return  # somebody already asked; their refresh will wake us

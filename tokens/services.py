@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -85,6 +86,9 @@ def token_refresh(*, provider_id: int, reason: Reason = Reason.SCHEDULE) -> Refr
         logger.warning("tokens: Redis unavailable, refreshing %s without the lock", provider.name)
         acquired, lock = True, None
     if not acquired:
+        # Readers ask again when the lock expires, in case its holder died mid-refresh.
+        with contextlib.suppress(store.StoreError):
+            store.hold_pending_for_lock(provider_id)
         return RefreshResult(Outcome.IN_FLIGHT)
     try:
         provider.refresh_from_db()

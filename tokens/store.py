@@ -157,5 +157,11 @@ def hold_pending(provider_id: int, seconds: float) -> None:
     client().set(_key("pending", provider_id), "1", px=max(1, int(seconds * 1000)))
 
 
+def hold_pending_for_lock(provider_id: int) -> None:
+    """Keep readers from asking again while the refresh lock lives (at least briefly)."""
+    remaining_ms = client().pttl(_key("lock", provider_id))
+    hold_pending(provider_id, max(int(remaining_ms), 50) / 1000)  # type: ignore[arg-type]
+
+
 def clear_pending(provider_id: int) -> None:
     client().delete(_key("pending", provider_id))

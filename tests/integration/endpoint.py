@@ -23,6 +23,8 @@ class TokenEndpoint:
         self.fail_with: tuple[int, str, str] | None = None
         self.fail_headers: dict[str, str] = {}
         self.times: list[float] = []  # when each call arrived (time.monotonic())
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.delays: list[float] = []  # per-call delays, consumed first
         self._lock = threading.Lock()
         server.expect_request("/token", method="POST").respond_with_handler(self._handle)
@@ -38,8 +40,14 @@ class TokenEndpoint:
             number = self.calls
             delay = self.delays.pop(0) if self.delays else self.delay
             failure = self.fail_with
-        if delay:
-            time.sleep(delay)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if delay:
+                time.sleep(delay)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
         if failure is not None:
             status, body, content_type = failure
             return Response(
