@@ -146,9 +146,13 @@ def start_worker(
         child_env(**env),
     )
 
+    own_broker = "CELERY_BROKER_URL" in env  # this process's app cannot reach that broker
+
     def ready() -> bool:
         if not worker.alive():
             raise AssertionError(f"worker exited early:\n{worker.log()[-3000:]}")
+        if own_broker:
+            return f"{full_hostname} ready." in worker.log()
         return bool(app.control.ping(destination=[full_hostname], timeout=0.3))
 
     wait_for(ready, timeout, message=f"worker {full_hostname} to answer a ping")
