@@ -46,3 +46,8 @@ def counted(provider: Any) -> dict[str, Any]:
     if delay:
         time.sleep(delay)
     return {"access_token": f"{provider.name}-token-{number}", "expires_in": 300}
+
+
+def short_lived(provider: Any) -> dict[str, Any]:
+    """A token that lives three seconds."""
+    return {"access_token": f"{provider.name}-short", "expires_in": 3}

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def test_database_url() -> str:
+def child_database_url() -> str:
     """DATABASE_URL of the test database that pytest-django created (for child processes)."""
     s = connection.settings_dict
     if s["ENGINE"].endswith("sqlite3"):
@@ -38,7 +38,7 @@ def test_database_url() -> str:
 def child_env(**overrides: str) -> dict[str, str]:
     env = {
         **os.environ,
-        "DATABASE_URL": test_database_url(),
+        "DATABASE_URL": child_database_url(),
         "PYTHONUNBUFFERED": "1",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
