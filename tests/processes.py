@@ -119,6 +119,7 @@ def start_worker(
     queues: str = "celery",
     concurrency: int = 4,
     pool: str = "threads",
+    loglevel: str = "INFO",
     timeout: float = 30.0,
     **env: str,
 ) -> Process:
@@ -133,7 +134,7 @@ def start_worker(
             "-A",
             "project",
             "worker",
-            "--loglevel=INFO",
+            f"--loglevel={loglevel}",
             f"--pool={pool}",
             f"--concurrency={concurrency}",
             f"--hostname={full_hostname}",
