@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from django.conf import settings
+from hypothesis import settings as hypothesis_settings
 from pytest_httpserver import HTTPServer
 
 from tests.processes import Process, start_beat, start_worker
@@ -84,3 +86,9 @@ def worker_factory(tmp_path: Path, django_db_setup: None) -> Iterator[Callable[.
     yield start
     for process in started:
         process.stop()
+
+
+# CI explores the same examples every run (a red build must be reproducible); locally, new ones.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")

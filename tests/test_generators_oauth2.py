@@ -205,6 +205,18 @@ def test_generate__429_reports_retry_after(httpserver: HTTPServer) -> None:
     assert caught.value.transient and caught.value.retry_after == 17
 
 
+def test_generate__retry_after_as_an_http_date(httpserver: HTTPServer) -> None:
+    from email.utils import format_datetime
+
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    httpserver.expect_request("/token").respond_with_data(
+        "", status=503, headers={"Retry-After": when}
+    )
+    with pytest.raises(GeneratorError) as caught:
+        GENERATOR.generate(provider_for(httpserver.url_for("/token")))
+    assert 25 <= caught.value.retry_after <= 30
+
+
 def test_generate__error_text_is_truncated_and_not_the_whole_body(httpserver: HTTPServer) -> None:
     description = "x" * 5000
     httpserver.expect_request("/token").respond_with_json(
@@ -274,6 +286,13 @@ def test_generate__does_not_follow_redirects(httpserver: HTTPServer) -> None:
             "absolute http(s) URL",
         ),
         ({"token_url": "not a url", "client_id": "c"}, SECRET, "config", "absolute http(s) URL"),
+        ({"token_url": "http://[::1", "client_id": "c"}, SECRET, "config", "absolute http(s) URL"),
+        (
+            {"token_url": "https://a.example:99999/t", "client_id": "c"},
+            SECRET,
+            "config",
+            "absolute http(s) URL",
+        ),
         ({"token_url": 5, "client_id": "c"}, SECRET, "config", "token_url: must be a URL string"),
         (
             {"token_url": "https://a.example/t", "client_id": ""},

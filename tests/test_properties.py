@@ -4,6 +4,7 @@ raises only its documented errors (GeneratorError, ValidationError), never crash
 from __future__ import annotations
 
 import json
+import os
 from datetime import timedelta
 
 import pytest
@@ -16,6 +17,10 @@ from tokens.exceptions import GeneratorError
 from tokens.generators import GeneratedToken, registry
 from tokens.generators.oauth2 import parse_token_response
 from tokens.models import Provider
+
+# HYPOTHESIS_EXAMPLES=5000 for a longer hunt than the suite's.
+EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", 250))
+LENIENT = [HealthCheck.function_scoped_fixture]
 
 json_scalars = st.one_of(
     st.none(),
@@ -62,9 +67,7 @@ def make_response(
     return response
 
 
-@settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=LENIENT)
 @given(
     status=st.sampled_from([200, 201, 204, 301, 400, 401, 403, 404, 429, 500, 502, 503]),
     body=bodies,
@@ -113,9 +116,7 @@ configs = st.one_of(
 
 
 @pytest.mark.django_db
-@settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=LENIENT)
 @given(
     kind=st.sampled_from([*registry(), "unknown"]),
     config=configs,

@@ -17,7 +17,7 @@ from django.db import connection
 
 from tests.factories import make_provider
 from tests.integration.tcp_proxy import TcpProxy
-from tests.processes import ROOT, child_env, child_database_url, wait_for
+from tests.processes import ROOT, child_database_url, child_env, wait_for
 from tokens import services
 from tokens.services import Reason
 

@@ -87,7 +87,7 @@ def database_dump() -> Iterator[str]:
             "tokens_token",
             "django_celery_beat_periodictask",
         ):
-            cursor.execute(f"SELECT * FROM {table}")  # noqa: S608 - fixed names
+            cursor.execute(f"SELECT * FROM {table}")
             for row in cursor.fetchall():
                 yield " ".join(str(value) for value in row)
 

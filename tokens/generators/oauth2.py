@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -46,10 +47,19 @@ def _is_local(host: str) -> bool:
 
 
 def _retry_after(response: requests.Response) -> float | None:
+    """Retry-After as seconds: a number of seconds or an HTTP date (RFC 9110 §10.2.3)."""
     value = response.headers.get("Retry-After", "").strip()
+    if not value or not value.isascii():
+        return None
     if value.isdigit():
         return float(value)
-    return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def parse_token_response(response: requests.Response) -> GeneratedToken:
@@ -118,11 +128,16 @@ class OAuth2ClientCredentials(Generator):
             if not isinstance(url, str) or not url:
                 errors.add("config", "token_url: must be a URL string")
             else:
-                parts = urlsplit(url)
-                host = parts.hostname or ""
-                if parts.scheme not in {"https", "http"} or not host:
+                try:
+                    parts = urlsplit(url)
+                    host = parts.hostname or ""
+                    scheme = parts.scheme
+                    parts.port  # noqa: B018 - raises ValueError for a bad port
+                except ValueError:
+                    scheme, host = "", ""
+                if scheme not in {"https", "http"} or not host:
                     errors.add("config", "token_url: must be an absolute http(s) URL")
-                elif parts.scheme == "http" and not (settings.DEBUG or _is_local(host)):
+                elif scheme == "http" and not (settings.DEBUG or _is_local(host)):
                     errors.add(
                         "config", "token_url: must use https (http is allowed for localhost only)"
                     )
