@@ -155,7 +155,7 @@ def test_get_token__token_stored_between_read_and_wait_is_not_missed(
     original = api._Reader.read
     calls = []
 
-    def read_then_store(self: api._Reader) -> str | None:
+    def read_then_store(self: api._Reader) -> tuple[str, str] | None:
         value = original(self)
         if not calls:
             calls.append(1)

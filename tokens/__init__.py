@@ -15,7 +15,9 @@ from tokens.exceptions import (
 )
 
 if TYPE_CHECKING:
-    from tokens.api import get_token
+    from tokens.api import aget_token, ainvalidate_token, get_token, invalidate_token
+
+_API = ("get_token", "aget_token", "invalidate_token", "ainvalidate_token")
 
 __all__ = [
     "GeneratorError",
@@ -23,14 +25,17 @@ __all__ = [
     "TokenError",
     "TokenUnavailable",
     "UnknownProvider",
+    "aget_token",
+    "ainvalidate_token",
     "get_token",
+    "invalidate_token",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    # get_token needs the app registry (models); import it on first use, not with the package.
-    if name == "get_token":
-        from tokens.api import get_token
+    # The API needs the app registry (models): import it on first use, not with the package.
+    if name in _API:
+        from tokens import api
 
-        return get_token
+        return getattr(api, name)
     raise AttributeError(f"module 'tokens' has no attribute {name!r}")

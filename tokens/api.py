@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import math
 import time
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.db import DatabaseError
 
 from tokens import notify, selectors, services, store
@@ -40,7 +42,69 @@ def get_token(name: str, *, timeout: float | None = None) -> str:
         entry = None
     if entry is not None and entry[1] > _time():
         return entry[0]
+    return _get_token_slow(name, timeout)[0]
+
+
+def get_token_with_type(name: str, *, timeout: float | None = None) -> tuple[str, str]:
+    """get_token(), with the token's type ("Bearer", ...) for an Authorization header."""
+    try:
+        entry = _memory.get(name)
+    except TypeError:
+        entry = None
+    if entry is not None and entry[1] > _time():
+        return entry[0], entry[3]
     return _get_token_slow(name, timeout)
+
+
+async def aget_token(name: str, *, timeout: float | None = None) -> str:
+    """get_token() for async code: waits in a worker thread, never blocking the event loop."""
+    try:
+        entry = _memory.get(name)
+    except TypeError:
+        entry = None
+    if entry is not None and entry[1] > _time():
+        return entry[0]
+    return (await sync_to_async(_get_token_slow, thread_sensitive=False)(name, timeout))[0]
+
+
+async def aget_token_with_type(name: str, *, timeout: float | None = None) -> tuple[str, str]:
+    """aget_token(), with the token's type."""
+    try:
+        entry = _memory.get(name)
+    except TypeError:
+        entry = None
+    if entry is not None and entry[1] > _time():
+        return entry[0], entry[3]
+    return await sync_to_async(_get_token_slow, thread_sensitive=False)(name, timeout)
+
+
+def invalidate_token(name: str, token: str) -> bool:
+    """Report that an API rejected ``token`` (say, with a 401).
+
+    If it is still the provider's current token it is dropped everywhere (every process's
+    memory, Redis, the database's notion of current), a refresh is queued, and the next
+    get_token() waits for the new token; returns True. A token that is no longer current (a
+    stale rejection) changes nothing; returns False.
+    """
+    _check_arguments(name, None)
+    if not isinstance(token, str) or not token:
+        raise TypeError("invalidate_token() token must be a non-empty str")
+    provider = selectors.provider_for_reading(name=name)
+    current = selectors.current_token(provider=provider)
+    if current is None or not hmac.compare_digest(current.value, token):
+        return False
+    if services.provider_invalidate(provider=provider, expected_version=current.version) is None:
+        return False  # a newer token arrived meanwhile
+    entry = _memory.get(name)
+    if entry is not None and entry[2] <= current.version:
+        _memory.pop(name, None)
+    services.refresh_enqueue(provider_id=provider.pk)
+    return True
+
+
+async def ainvalidate_token(name: str, token: str) -> bool:
+    """invalidate_token() for async code."""
+    return await sync_to_async(invalidate_token, thread_sensitive=False)(name, token)
 
 
 def _check_arguments(name: object, timeout: object) -> float:
@@ -65,8 +129,9 @@ class _Reader:
         self.provider_id: int | None = None
         self.problems: list[str] = []
 
-    def read(self) -> str | None:
-        """A valid token from Redis or the database, or None (after asking for a refresh)."""
+    def read(self) -> tuple[str, str] | None:
+        """A valid token and its type from Redis or the database, or None (after asking for
+        a refresh)."""
         generation = _listener.generation(self.name)
         now = _time()
         try:
@@ -85,7 +150,7 @@ class _Reader:
                 now,
                 generation,
             )
-            return cached.value
+            return cached.value, cached.token_type
         try:
             provider = selectors.provider_for_reading(name=self.name)
             token = selectors.current_token(provider=provider)
@@ -108,7 +173,7 @@ class _Reader:
             now,
             generation,
         )
-        return token.value
+        return token.value, token.token_type
 
     def _remember(
         self,
@@ -166,7 +231,7 @@ class _Reader:
         return f"waited {waited:.1f}s; " + "; ".join(parts)
 
 
-def _get_token_slow(name: Any, timeout: Any) -> str:
+def _get_token_slow(name: Any, timeout: Any) -> tuple[str, str]:
     wait = _check_arguments(name, timeout)
     started = time.monotonic()
     deadline = started + wait

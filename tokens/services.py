@@ -348,11 +348,15 @@ def _known_tokens(provider: Provider) -> list[str]:
 # ---------------------------------------------------------------------------- invalidation
 
 
-def provider_invalidate(*, provider: Provider, reset_failures: bool = False) -> int:
+def provider_invalidate(
+    *, provider: Provider, reset_failures: bool = False, expected_version: int | None = None
+) -> int | None:
     """Void every token of ``provider`` issued so far (config changed, disabled, rejected).
 
     Moves the fence on, so a refresh already in flight cannot store its (old) token, drops the
-    cached entry and tells every process. Returns the new version floor.
+    cached entry and tells every process. With ``expected_version``, only if that version is
+    still the current one (a stale rejection must not void a newer token). Returns the new
+    version floor, or None when nothing was voided.
     """
     state_of(provider.pk)
     with transaction.atomic():
@@ -370,7 +374,11 @@ def provider_invalidate(*, provider: Provider, reset_failures: bool = False) -> 
                 next_attempt_at=None,
                 permanent_error=False,
             )
-        ProviderState.objects.filter(provider_id=provider.pk).update(**changes)
+        states = ProviderState.objects.filter(provider_id=provider.pk)
+        if expected_version is not None:
+            states = states.filter(current_version=expected_version)
+        if not states.update(**changes):
+            return None
     try:
         store.invalidate(provider.name, fence)
     except store.StoreError:
