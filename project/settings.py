@@ -138,3 +138,13 @@ TOKENS_HTTP_TIMEOUT = env.float("TOKENS_HTTP_TIMEOUT", default=10.0)
 # Longer than CELERY_TASK_TIME_LIMIT, well below the broker's visibility timeout.
 TOKENS_LOCK_TTL = env.float("TOKENS_LOCK_TTL", default=CELERY_TASK_TIME_LIMIT + 30)
 TOKENS_RETRY_MAX = env.float("TOKENS_RETRY_MAX", default=300.0)
+# /tokens/health/ and /tokens/metrics: "open", "staff" or "key" (Authorization: Bearer <key>).
+TOKENS_MONITORING_ACCESS = env.str("TOKENS_MONITORING_ACCESS", default="staff")
+TOKENS_MONITORING_KEY = env.str("TOKENS_MONITORING_KEY", default="")
+TOKENS_FLOWER_URL = env.str("TOKENS_FLOWER_URL", default="")
+
+# ---------------------------------------------------------------------------- examples
+
+# The example views (project/views.py) call this API with this provider's token.
+EXAMPLE_API_URL = env.str("EXAMPLE_API_URL", default="https://api.example.com/v1/ping")
+EXAMPLE_TOKEN_PROVIDER = env.str("EXAMPLE_TOKEN_PROVIDER", default="example")

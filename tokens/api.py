@@ -18,7 +18,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError
 
-from tokens import notify, selectors, services, store
+from tokens import metrics, notify, selectors, services, store
 from tokens.conf import tokens_settings
 from tokens.exceptions import ProviderDisabled, TokenUnavailable, UnknownProvider
 from tokens.models import ProviderState
@@ -239,6 +239,7 @@ def _get_token_slow(name: Any, timeout: Any) -> tuple[str, str]:
     reader = _Reader(name)
     # Register as a waiter before reading, and read again once subscribed: a token stored
     # between our read and our wait still wakes us.
+    waited = False
     with _listener.waiter(name) as woken:
         while True:
             woken.clear()
@@ -247,7 +248,11 @@ def _get_token_slow(name: Any, timeout: Any) -> tuple[str, str]:
                 return value
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                metrics.TIMEOUTS.labels(name).inc()
                 raise TokenUnavailable(name, reader.reason(time.monotonic() - started))
+            if not waited:
+                waited = True
+                metrics.WAITS.labels(name).inc()
             if not _listener.connected.is_set():
                 if _listener.connected.wait(min(remaining, 0.2)):
                     continue  # just subscribed: read again before waiting

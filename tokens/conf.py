@@ -40,6 +40,12 @@ DEFAULTS: dict[str, Any] = {
     "WAIT_RECHECK": 0.5,
     # Extra generator kinds: {"kind": "dotted.path.to.GeneratorClass"}.
     "GENERATORS": {},
+    # Who may read /tokens/health/ and /tokens/metrics: "open", "staff", or "key" (a request
+    # with "Authorization: Bearer <TOKENS_MONITORING_KEY>").
+    "MONITORING_ACCESS": "staff",
+    "MONITORING_KEY": "",
+    # Flower's base URL, for links from admin ("" for no links).
+    "FLOWER_URL": "",
 }
 
 

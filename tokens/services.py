@@ -18,7 +18,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from tokens import crypto, store
+from tokens import crypto, metrics, store
 from tokens.conf import tokens_settings
 from tokens.exceptions import GeneratorError
 from tokens.generators import GeneratedToken, get_generator
@@ -174,6 +174,8 @@ def _refresh_locked(provider: Provider, state: ProviderState) -> RefreshResult:
         return _record_failure(provider, state, fence, error, time.monotonic() - started)
     token = _store(provider, fence, generated)
     duration = time.monotonic() - started
+    metrics.REFRESH_DURATION.labels(provider.name).observe(duration)
+    metrics.REFRESHES.labels(provider.name, "stored" if token else "stale").inc()
     if token is None:
         logger.info(
             "refresh discarded provider=%s version=%s outcome=stale duration_ms=%d",
@@ -310,6 +312,9 @@ def _record_failure(
     provider: Provider, state: ProviderState, fence: int, error: GeneratorError, duration: float
 ) -> RefreshResult:
     now = timezone.now()
+    metrics.REFRESH_DURATION.labels(provider.name).observe(duration)
+    metrics.REFRESHES.labels(provider.name, "failed").inc()
+    metrics.REFRESH_FAILURES.labels(provider.name, error.kind).inc()
     message = scrub(f"{error.kind}: {error}", [provider.secret, *_known_tokens(provider)])
     failures = state.consecutive_failures + 1
     if error.transient:

@@ -146,6 +146,12 @@ def refresh_lock(provider_id: int) -> Lock:
     )
 
 
+def locks_held(provider_ids: list[int]) -> list[bool]:
+    """Whether each provider's refresh lock is held (one round trip)."""
+    values = client().mget([_key("lock", pid) for pid in provider_ids])
+    return [value is not None for value in values]  # type: ignore[union-attr]
+
+
 def mark_pending(provider_id: int) -> bool:
     """Claim the right to enqueue a refresh for readers; False if one was asked for already."""
     ttl_ms = int(tokens_settings.seconds("PENDING_TTL") * 1000)

@@ -1,0 +1,9 @@
+from django.urls import path
+
+from tokens import views
+
+app_name = "tokens"
+urlpatterns = [
+    path("health/", views.health, name="health"),
+    path("metrics", views.prometheus_metrics, name="metrics"),
+]

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import hmac
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
+from django.views.decorators.http import require_GET
+
+from tokens import metrics
+from tokens.conf import tokens_settings
+from tokens.status import provider_report
+
+
+def _allowed(request: HttpRequest) -> bool:
+    access = tokens_settings.MONITORING_ACCESS
+    if access == "open":
+        return True
+    if access == "key":
+        key = tokens_settings.MONITORING_KEY
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        return bool(key) and hmac.compare_digest(given.encode(), key.encode())
+    user = getattr(request, "user", None)
+    return bool(user and user.is_active and user.is_staff)
+
+
+def _denied() -> JsonResponse:
+    return JsonResponse({"detail": "forbidden"}, status=403)
+
+
+@require_GET
+def health(request: HttpRequest) -> HttpResponse:
+    """200 when every enabled provider has a valid token, 503 otherwise. Never shows a token,
+    a fingerprint or a secret."""
+    if not _allowed(request):
+        return _denied()
+    providers = provider_report()
+    healthy = all(p["valid"] for p in providers if p["enabled"])
+    body = {
+        "status": "ok" if healthy else "unhealthy",
+        "checked_at": timezone.now().isoformat(),
+        "providers": providers,
+    }
+    return JsonResponse(body, status=200 if healthy else 503)
+
+
+@require_GET
+def prometheus_metrics(request: HttpRequest) -> HttpResponse:
+    if not _allowed(request):
+        return _denied()
+    return HttpResponse(metrics.exposition(), content_type="text/plain; version=0.0.4")
