@@ -107,6 +107,7 @@ def run() -> int:
     env.setdefault("DATABASE_URL", f"sqlite:///{STATE / 'db.sqlite3'}")
     web_port = env.setdefault("DEV_WEB_PORT", "8000")
     flower_port = env.setdefault("DEV_FLOWER_PORT", "5555")
+    env.setdefault("TOKENS_FLOWER_URL", f"http://127.0.0.1:{flower_port}")
     with redis_url(env) as url:
         env["REDIS_URL"] = url
         _manage(env, "migrate", "--no-input", "-v", "0")

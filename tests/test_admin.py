@@ -124,3 +124,82 @@ def test_actions__refresh_now_enable_disable(
     assert not PeriodicTask.objects.get(name="tokens.refresh:payments").enabled
     staff.post("/admin/tokens/provider/", {"action": "enable", "_selected_action": [provider.pk]})
     assert Provider.objects.get(pk=provider.pk).enabled
+
+
+def provider_in_state(name: str, status: str) -> Provider:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tokens.models import ProviderState
+
+    if status == "disabled":
+        return make_provider(name, kind="static", secret="x", enabled=False)
+    provider = make_provider(name, kind="callable", config={"path": "tests.callables.mapping"})
+    if status in ("ok", "refreshing", "failing"):
+        services.token_refresh(provider_id=provider.pk)
+    if status == "failing":
+        ProviderState.objects.filter(provider=provider).update(
+            consecutive_failures=3, last_error="permanent: x"
+        )
+    if status == "expired":
+        ProviderState.objects.filter(provider=provider).update(
+            current_version=1,
+            last_refresh_at=timezone.now() - timedelta(hours=1),
+            expires_at=timezone.now() - timedelta(minutes=1),
+            last_attempt_at=timezone.now(),
+        )
+    return provider
+
+
+STATES = ["ok", "refreshing", "failing", "expired", "never", "disabled"]
+
+
+def test_list__badge_and_filter_for_every_state(staff: Client) -> None:
+    from tokens import store
+
+    providers = {status: provider_in_state(f"p-{status}", status) for status in STATES}
+    lock = store.refresh_lock(providers["refreshing"].pk)
+    assert lock.acquire()
+    try:
+        page = staff.get("/admin/tokens/provider/").content.decode()
+        for status in STATES:
+            assert f"tokens-status-{status}" in page, status
+        for status in STATES:
+            response = staff.get(f"/admin/tokens/provider/?status={status}")
+            names = [p.name for p in response.context["cl"].result_list]
+            assert names == [f"p-{status}"], (status, names)
+    finally:
+        lock.release()
+
+
+def test_change__refresh_now_button_queues_a_refresh(
+    staff: Client, django_capture_on_commit_callbacks
+) -> None:
+    provider = make_provider("payments", kind="static", secret=SECRET)
+    url = f"/admin/tokens/provider/{provider.pk}/change/"
+    assert 'id="tokens-refresh-now"' in staff.get(url).content.decode()
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = staff.post(f"/admin/tokens/provider/{provider.pk}/refresh/", follow=True)
+    assert response.redirect_chain[-1][0] == url
+    assert "payments: refresh queued." in [str(m) for m in response.context["messages"]]
+    assert len(callbacks) == 1
+    assert (
+        staff.get(f"/admin/tokens/provider/{provider.pk}/refresh/").status_code == 302
+    )  # GET: no-op
+
+
+def test_change__links_to_the_beat_schedule_and_flower(staff: Client, settings) -> None:
+    settings.TOKENS_FLOWER_URL = "http://flower.example:5555"
+    provider = make_provider("payments", kind="static", secret=SECRET)
+    page = staff.get(f"/admin/tokens/provider/{provider.pk}/change/").content.decode()
+    task = PeriodicTask.objects.get(name="tokens.refresh:payments")
+    assert f"/admin/django_celery_beat/periodictask/{task.pk}/change/" in page
+    assert "http://flower.example:5555/tasks" in page
+
+
+def test_add__form_explains_each_kind(staff: Client) -> None:
+    page = staff.get(ADD_URL).content.decode()
+    for kind in ("oauth2_client_credentials", "callable", "static"):
+        assert f"<b>{kind}</b>" in page
+    assert "token_url" in page and "client_secret_post" in page

@@ -1,15 +1,31 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from django.contrib import admin, messages
-from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.html import format_html
+from django_celery_beat.models import PeriodicTask
 
-from tokens import services
+from tokens import services, store
+from tokens.conf import tokens_settings
 from tokens.forms import ProviderForm
 from tokens.models import Provider, ProviderState, Token
+from tokens.status import Status, refreshing_ids, state_or_none, status_of
+
+BADGE_COLOURS = {
+    Status.OK: "#1e7e34",
+    Status.REFRESHING: "#1f6feb",
+    Status.FAILING: "#b35900",
+    Status.EXPIRED: "#b02a37",
+    Status.NEVER: "#6c757d",
+    Status.DISABLED: "#6c757d",
+}
 
 
 class TokenInline(admin.TabularInline):
@@ -19,7 +35,7 @@ class TokenInline(admin.TabularInline):
     max_num = 0
     can_delete = False
     ordering = ["-version"]
-    verbose_name_plural = "token history (fingerprints only)"
+    verbose_name_plural = "token history (fingerprints only, never values)"
 
     def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
@@ -45,6 +61,46 @@ class ProviderStateInline(admin.StackedInline):
         return False
 
 
+class StatusFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(status.value, status.value) for status in Status]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Provider]) -> QuerySet[Provider]:
+        value = self.value()
+        if not value:
+            return queryset
+        now = timezone.now()
+        enabled = queryset.filter(enabled=True)
+        valid = Q(refresh_state__last_refresh_at__isnull=False) & (
+            Q(refresh_state__expires_at__isnull=True) | Q(refresh_state__expires_at__gt=now)
+        )
+        failing = Q(refresh_state__consecutive_failures__gt=0)
+        never = Q(refresh_state__isnull=True) | Q(
+            refresh_state__last_attempt_at__isnull=True, refresh_state__current_version=0
+        )
+        if value == Status.DISABLED:
+            return queryset.filter(enabled=False)
+        try:
+            refreshing = store.held_lock_ids()
+        except store.StoreError:
+            refreshing = set()
+        if value == Status.REFRESHING:
+            return enabled.filter(pk__in=refreshing)
+        enabled = enabled.exclude(pk__in=refreshing)  # the badge shows "refreshing" first
+        if value == Status.FAILING:
+            return enabled.filter(failing)
+        if value == Status.OK:
+            return enabled.filter(valid).exclude(failing)
+        if value == Status.NEVER:
+            return enabled.filter(never).exclude(failing).exclude(valid)
+        if value == Status.EXPIRED:
+            return enabled.exclude(failing).exclude(valid).exclude(never)
+        return queryset
+
+
 @admin.register(Provider)
 class ProviderAdmin(admin.ModelAdmin):
     form = ProviderForm
@@ -52,40 +108,58 @@ class ProviderAdmin(admin.ModelAdmin):
         "name",
         "kind",
         "enabled",
+        "status_badge",
         "fingerprint",
         "expires_in",
         "last_refresh",
         "failures",
         "last_error",
     ]
-    list_filter = ["kind", "enabled"]
+    list_filter = ["kind", "enabled", StatusFilter]
     search_fields = ["name"]
     list_select_related = ["refresh_state"]
     actions = ["refresh_now", "enable", "disable"]
     inlines = [ProviderStateInline, TokenInline]
+    readonly_fields = ["status_badge", "schedule_link", "flower_link"]
     fieldsets = [
         ("Identity", {"fields": ["name", "kind", "enabled"]}),
         ("Generator", {"fields": ["config", "secret"]}),
-        ("Schedule", {"fields": ["refresh_interval"]}),
+        ("Schedule", {"fields": ["refresh_interval", "schedule_link"]}),
+        ("Status", {"fields": ["status_badge", "flower_link"]}),
     ]
+    change_form_template = "admin/tokens/provider/change_form.html"
 
-    def _state(self, obj: Provider) -> ProviderState | None:
-        try:
-            return obj.refresh_state
-        except ProviderState.DoesNotExist:
-            return None
+    # ------------------------------------------------------------------ columns
+
+    @admin.display(description="status")
+    def status_badge(self, obj: Provider) -> str:
+        if obj.pk is None:
+            return "—"
+        status = status_of(
+            obj,
+            state_or_none(obj),
+            refreshing=obj.pk in refreshing_ids([obj.pk]),
+            now=timezone.now(),
+        )
+        return format_html(
+            '<span class="tokens-status tokens-status-{}" style="color:#fff;background:{};'
+            'padding:1px 8px;border-radius:8px;">{}</span>',
+            status.value,
+            BADGE_COLOURS[status],
+            status.value,
+        )
 
     @admin.display(description="fingerprint")
     def fingerprint(self, obj: Provider) -> str:
-        state = self._state(obj)
-        if state is None or not state.current_version:
+        state = state_or_none(obj)
+        if state is None or state.last_refresh_at is None:
             return "—"
         token = obj.tokens.filter(version=state.current_version).only("fingerprint").first()
         return token.fingerprint if token else "—"
 
     @admin.display(description="expires in")
     def expires_in(self, obj: Provider) -> str:
-        state = self._state(obj)
+        state = state_or_none(obj)
         if state is None or state.last_refresh_at is None:
             return "—"
         if state.expires_at is None:
@@ -97,30 +171,55 @@ class ProviderAdmin(admin.ModelAdmin):
 
     @admin.display(description="last refresh")
     def last_refresh(self, obj: Provider) -> object:
-        state = self._state(obj)
+        state = state_or_none(obj)
         return state.last_refresh_at if state else None
 
     @admin.display(description="failures")
     def failures(self, obj: Provider) -> int:
-        state = self._state(obj)
+        state = state_or_none(obj)
         return state.consecutive_failures if state else 0
 
     @admin.display(description="last error")
     def last_error(self, obj: Provider) -> str:
-        state = self._state(obj)
+        state = state_or_none(obj)
         error = state.last_error if state else ""
         return error[:80] + ("…" if len(error) > 80 else "")
+
+    @admin.display(description="beat schedule")
+    def schedule_link(self, obj: Provider) -> str:
+        task = PeriodicTask.objects.filter(name=services.schedule_name(obj.name)).first()
+        if task is None:
+            return "—"
+        url = reverse("admin:django_celery_beat_periodictask_change", args=[task.pk])
+        return format_html('<a href="{}">{}</a>', url, task.name)
+
+    @admin.display(description="refreshes in Flower")
+    def flower_link(self, obj: Provider) -> str:
+        base = tokens_settings.FLOWER_URL.rstrip("/")
+        if not base or obj.pk is None:
+            return "—"
+        return format_html(
+            '<a href="{}/tasks" target="_blank" rel="noopener">Flower</a> '
+            "(task <code>tokens.refresh_token</code>, args <code>[{}, …]</code>)",
+            base,
+            obj.pk,
+        )
+
+    # ------------------------------------------------------------------ actions
 
     @admin.action(description="Refresh now")
     def refresh_now(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         for provider in queryset:
-            if not provider.enabled:
-                self.message_user(
-                    request, f"{provider.name}: disabled, not refreshed.", messages.WARNING
-                )
-                continue
-            services.refresh_enqueue(provider_id=provider.pk)
-            self.message_user(request, f"{provider.name}: refresh queued.", messages.SUCCESS)
+            self._refresh(request, provider)
+
+    def _refresh(self, request: HttpRequest, provider: Provider) -> None:
+        if not provider.enabled:
+            self.message_user(
+                request, f"{provider.name}: disabled, not refreshed.", messages.WARNING
+            )
+            return
+        services.refresh_enqueue(provider_id=provider.pk)
+        self.message_user(request, f"{provider.name}: refresh queued.", messages.SUCCESS)
 
     @admin.action(description="Enable")
     def enable(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
@@ -139,3 +238,22 @@ class ProviderAdmin(admin.ModelAdmin):
                 changed += 1
         verb = "enabled" if value else "disabled"
         self.message_user(request, f"{changed} provider(s) {verb}.", messages.SUCCESS)
+
+    # ------------------------------------------------------------------ detail page button
+
+    def get_urls(self) -> list[Any]:
+        custom = [
+            path(
+                "<int:object_id>/refresh/",
+                self.admin_site.admin_view(self.refresh_view),
+                name="tokens_provider_refresh",
+            )
+        ]
+        return custom + super().get_urls()
+
+    def refresh_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
+        provider = get_object_or_404(Provider, pk=object_id)
+        if request.method != "POST" or not self.has_change_permission(request, provider):
+            return HttpResponseRedirect(reverse("admin:tokens_provider_change", args=[object_id]))
+        self._refresh(request, provider)
+        return HttpResponseRedirect(reverse("admin:tokens_provider_change", args=[object_id]))

@@ -4,17 +4,23 @@ import json
 from typing import Any
 
 from django import forms
+from django.utils.html import format_html, format_html_join
 
 from tokens.generators import registry
 from tokens.models import Provider
 
 
 def kinds_help() -> str:
-    lines = []
-    for kind, generator in registry().items():
-        example = json.dumps(generator.example_config)
-        lines.append(f"{kind}: {generator.help_text} Example: {example}")
-    return "\n".join(lines)
+    """Which keys each kind takes, with an example (admin renders help text as HTML)."""
+    items = format_html_join(
+        "",
+        "<li><b>{}</b>: {} Example: <code>{}</code></li>",
+        (
+            (kind, generator.help_text, json.dumps(generator.example_config))
+            for kind, generator in registry().items()
+        ),
+    )
+    return format_html("A JSON object; its keys depend on the kind:<ul>{}</ul>", items)
 
 
 class ProviderForm(forms.ModelForm):

@@ -152,6 +152,17 @@ def locks_held(provider_ids: list[int]) -> list[bool]:
     return [value is not None for value in values]  # type: ignore[union-attr]
 
 
+def held_lock_ids() -> set[int]:
+    """Ids of the providers whose refresh lock is held now."""
+    prefix = _key("lock", "")
+    ids = set()
+    for key in client().scan_iter(match=f"{prefix}*", count=1000):
+        suffix = key.decode().removeprefix(prefix)
+        if suffix.isdigit():
+            ids.add(int(suffix))
+    return ids
+
+
 def mark_pending(provider_id: int) -> bool:
     """Claim the right to enqueue a refresh for readers; False if one was asked for already."""
     ttl_ms = int(tokens_settings.seconds("PENDING_TTL") * 1000)
