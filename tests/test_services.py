@@ -358,3 +358,26 @@ def test_refresh__readers_do_not_ask_again_during_the_backoff(
     ttl = redis_client.pttl(f"tokens:pending:{provider.pk}") / 1000
     assert 0 < ttl <= remaining + 0.1
     assert not store.mark_pending(provider.pk)  # a reader's request is absorbed
+
+
+def test_another_cache_alias_keeps_tokens_out_of_the_default_cache(
+    settings, redis_client: redis.Redis
+) -> None:
+    from project.testing import redis_db, redis_url_with_db
+
+    url = redis_url_with_db(settings.REDIS_URL, redis_db(settings.REDIS_URL) + 2)
+    settings.CACHES = {
+        **settings.CACHES,
+        "tokens": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": url},
+    }
+    settings.TOKENS_CACHE_ALIAS = "tokens"
+    other = redis.Redis.from_url(url)
+    other.flushdb()
+    try:
+        provider = counted_provider()
+        services.token_refresh(provider_id=provider.pk)
+        assert other.exists("tokens:tok:api")
+        assert not redis_client.exists("tokens:tok:api")
+        assert store.get("api").value == "api-token-1"
+    finally:
+        other.flushdb()

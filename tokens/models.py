@@ -157,7 +157,7 @@ class ProviderState(models.Model):
         verbose_name = "refresh state"
 
     def __str__(self) -> str:
-        return f"state of {self.provider_id}"
+        return "refresh state"
 
     def token_is_fresh(self, refresh_interval: timedelta, now: datetime | None = None) -> bool:
         """True when the current token is younger than half the interval and not near expiry.

@@ -1,0 +1,144 @@
+"""An operator in a real browser (Playwright driving the system Chromium) adds a provider in admin
+and watches it. Screenshots go to test-artifacts/screenshots/.
+
+Skipped when no Chromium is installed, unless TOKENS_REQUIRE_BROWSER is set (CI sets it, and
+installs Debian's chromium), in which case a missing browser fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import User
+from pytest_httpserver import HTTPServer
+
+from tests.factories import SECRET
+from tests.integration.endpoint import TokenEndpoint
+from tests.processes import ROOT, Process
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
+CHROMIUM = (
+    os.environ.get("TOKENS_CHROMIUM")
+    or shutil.which("chromium")
+    or shutil.which("chromium-browser")
+)
+
+
+@pytest.fixture
+def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    if not CHROMIUM:
+        if os.environ.get("TOKENS_REQUIRE_BROWSER"):
+            pytest.fail("TOKENS_REQUIRE_BROWSER is set but no Chromium was found")
+        pytest.skip("no Chromium installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an event loop; the ORM calls in this test are still sync.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        yield context.new_page()
+        context.close()
+        browser.close()
+
+
+def poll(check: Callable[[], object], timeout: float, message: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+def test_browser__operator_adds_a_provider_and_watches_it(
+    page, live_server, worker: Process, httpserver: HTTPServer
+) -> None:
+    endpoint = TokenEndpoint(httpserver)
+    User.objects.create_superuser("operator", "op@example.com", "correct horse")
+    sources: list[str] = []
+    base = live_server.url
+
+    def shot(name: str) -> None:
+        sources.append(page.content())
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+    # Log in.
+    page.goto(f"{base}/admin/login/")
+    page.fill("#id_username", "operator")
+    page.fill("#id_password", "correct horse")
+    page.click("input[type=submit]")
+    page.wait_for_selector("#site-name")
+
+    # Add an OAuth2 client-credentials provider against the local token endpoint.
+    page.goto(f"{base}/admin/tokens/provider/add/")
+    page.fill("#id_name", "payments")
+    page.select_option("#id_kind", "oauth2_client_credentials")
+    page.fill("#id_config", json.dumps({"token_url": endpoint.url, "client_id": "shop"}))
+    page.fill("#id_secret", SECRET)
+    page.fill("#id_refresh_interval", "00:05:00")
+    shot("1-add-provider")
+    page.click("input[name=_continue]")
+    page.wait_for_selector("#tokens-refresh-now")
+    change_url = page.url
+
+    # It turns ok, with a fingerprint.
+    def list_row() -> tuple[str, str] | None:
+        page.goto(f"{base}/admin/tokens/provider/")
+        if not page.locator(".tokens-status-ok").count():
+            return None
+        return page.inner_text("td.field-fingerprint"), page.inner_text("td.field-status_badge")
+
+    first_fingerprint, badge = poll(list_row, 20, "the provider to turn ok")  # type: ignore[misc]
+    assert badge == "ok" and len(first_fingerprint) == 12
+    shot("2-provider-ok")
+
+    # Refresh now: a new fingerprint.
+    page.goto(change_url)
+    page.click("#tokens-refresh-now")
+    page.wait_for_selector("text=payments: refresh queued.")
+    shot("3-refresh-queued")
+
+    def new_fingerprint() -> str | None:
+        row = list_row()
+        return row[0] if row and row[0] != first_fingerprint else None
+
+    poll(new_fingerprint, 20, "a new fingerprint")
+    shot("4-refreshed")
+    assert endpoint.calls == 2
+
+    # A bad config is refused on its field.
+    page.goto(change_url)
+    page.fill("#id_config", json.dumps({"client_id": "shop"}))
+    page.click("input[name=_continue]")
+    error = page.wait_for_selector(".field-config .errorlist")
+    assert "token_url: this key is required" in error.inner_text()
+    shot("5-validation-error")
+
+    # Never the secret or a token in any page the operator saw.
+    page.goto(change_url)
+    sources.append(page.content())
+    for source in sources:
+        assert SECRET not in source
+        for token in endpoint.issued:
+            assert token not in source
