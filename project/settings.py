@@ -1,5 +1,6 @@
 """Django settings for the tokens project: every knob is an environment variable (.env.example)."""
 
+import os
 from pathlib import Path
 
 import environ
@@ -89,7 +90,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
-    DATABASES["default"]["TEST"] = {"NAME": str(STATE_DIR / "test-db.sqlite3")}
+    # A file (worker and beat processes of the tests open it too), one per test run.
+    DATABASES["default"]["TEST"] = {"NAME": str(STATE_DIR / f"test-db-{os.getpid()}.sqlite3")}
     STATE_DIR.mkdir(exist_ok=True)
 
 # ---------------------------------------------------------------------------- Cache / Redis
