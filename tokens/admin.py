@@ -200,7 +200,7 @@ class ProviderAdmin(admin.ModelAdmin):
             return "—"
         return format_html(
             '<a href="{}/tasks" target="_blank" rel="noopener">Flower</a> '
-            "(task <code>tokens.refresh_token</code>, args <code>[{}, …]</code>)",
+            "(task <code>tokens.refresh_token</code>, args <code>({},)</code>)",
             base,
             obj.pk,
         )

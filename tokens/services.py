@@ -403,20 +403,16 @@ def provider_forget(*, name: str) -> None:
 
 def refresh_enqueue(*, provider_id: int, reason: Reason = Reason.MANUAL) -> None:
     """Queue a refresh once the current transaction commits (at once outside one)."""
-    from tokens.tasks import refresh_token
+    from tokens.tasks import enqueue
 
-    transaction.on_commit(
-        lambda: refresh_token.apply_async(args=(provider_id, str(reason)), expires=_message_ttl())
-    )
+    transaction.on_commit(lambda: enqueue(provider_id, reason, expires=_message_ttl()))
 
 
 def refresh_for_reader(*, provider_id: int) -> None:
     """Queue a refresh now, without the broker's publish retries (a reader is waiting)."""
-    from tokens.tasks import refresh_token
+    from tokens.tasks import enqueue
 
-    refresh_token.apply_async(
-        args=(provider_id, str(Reason.READER)), expires=_message_ttl(), retry=False
-    )
+    enqueue(provider_id, Reason.READER, expires=_message_ttl(), retry=False)
 
 
 def _message_ttl() -> float:

@@ -1,18 +1,26 @@
 from __future__ import annotations
 
-from celery import shared_task
+from typing import Any
+
+from celery import Task, shared_task
 
 from tokens import services
 from tokens.services import Reason
 
+# Why a refresh runs travels in a message header, so the task's arguments (what Flower and the
+# task events show) are only the provider's id. Beat's messages carry none: "schedule".
+REASON_HEADER = "tokens_reason"
 
-@shared_task(name="tokens.refresh_token", ignore_result=True)
-def refresh_token(provider_id: int, reason: str = Reason.SCHEDULE) -> None:
+
+@shared_task(name="tokens.refresh_token", ignore_result=True, bind=True)
+def refresh_token(self: Task, provider_id: int) -> None:
     """Refresh one provider's token; after a transient failure, try again after the backoff."""
-    result = services.token_refresh(provider_id=provider_id, reason=Reason(reason))
+    reason = Reason(self.request.get(REASON_HEADER) or Reason.SCHEDULE)
+    result = services.token_refresh(provider_id=provider_id, reason=reason)
     if result.retry_in is not None:
-        refresh_token.apply_async(
-            args=(provider_id, str(Reason.RETRY)),
-            countdown=result.retry_in,
-            expires=result.retry_in + 60,
-        )
+        enqueue(provider_id, Reason.RETRY, countdown=result.retry_in, expires=result.retry_in + 60)
+
+
+def enqueue(provider_id: int, reason: Reason, **options: Any) -> None:
+    """Send a refresh of ``provider_id`` for ``reason`` (options go to apply_async)."""
+    refresh_token.apply_async(args=(provider_id,), headers={REASON_HEADER: str(reason)}, **options)

@@ -13,7 +13,8 @@ from tests.integration.endpoint import TokenEndpoint
 from tests.processes import wait_for
 from tokens import get_token, store
 from tokens.models import Token
-from tokens.tasks import refresh_token
+from tokens.services import Reason
+from tokens.tasks import enqueue
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -58,7 +59,7 @@ def test_two_workers__never_run_one_providers_refresh_twice_at_once(
     wait_for(lambda: endpoint.calls == 1, 10, message="the first token")
     endpoint.delay = 0.5
     for _ in range(16):
-        refresh_token.delay(provider.pk, "manual")
+        enqueue(provider.pk, Reason.MANUAL)
     wait_for(
         lambda: executed_refreshes(first.log()) + executed_refreshes(second.log()) >= 17,
         30,

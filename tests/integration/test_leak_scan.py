@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,43 +22,14 @@ from django.db import connection
 from django.test import Client
 from pytest_httpserver import HTTPServer
 
-from project.celery import app
 from tests.factories import SECRET
 from tests.integration.endpoint import TokenEndpoint
+from tests.integration.events import EventLog
 from tests.processes import Process, wait_for
 from tokens import get_token
 from tokens.models import Provider, ProviderState, Token
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-class EventLog:
-    """Every Celery event on the broker, as Flower would receive them."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, object]] = []
-        self._connection = app.connection_for_read()
-        self._receiver = app.events.Receiver(self._connection, handlers={"*": self.events.append})
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._stop = False
-
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                self._receiver.capture(limit=None, timeout=0.5, wakeup=False)
-            except (TimeoutError, OSError):
-                continue
-
-    def __enter__(self) -> EventLog:
-        self._thread.start()
-        time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._receiver.should_stop = True
-        self._thread.join(5)
-        self._connection.release()
 
 
 def redis_dump(url: str) -> Iterator[str]:

@@ -10,7 +10,8 @@ from tests.integration.endpoint import TokenEndpoint
 from tests.processes import wait_for
 from tokens import get_token, store
 from tokens.models import ProviderState, Token
-from tokens.tasks import refresh_token
+from tokens.services import Reason
+from tokens.tasks import enqueue
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -25,14 +26,14 @@ def test_stale_refresh__finishing_late_does_not_overwrite_the_newer_token(
     provider = make_provider(config=oauth2_config(endpoint.url), interval=600)
     wait_for(lambda: Token.objects.filter(provider=provider).count() == 1, 10, message="tok-1")
 
-    refresh_token.delay(provider.pk, "manual")  # call 2 starts and stalls past the lock's TTL
+    enqueue(provider.pk, Reason.MANUAL)  # call 2 starts and stalls past the lock's TTL
     wait_for(lambda: endpoint.calls == 2, 10, message="the stalled call")
     wait_for(
         lambda: not store.client().exists(f"tokens:lock:{provider.pk}"),
         5,
         message="the lock to expire",
     )
-    refresh_token.delay(provider.pk, "manual")  # call 3: takes the expired lock, stores tok-3
+    enqueue(provider.pk, Reason.MANUAL)  # call 3: takes the expired lock, stores tok-3
     wait_for(
         lambda: store.get("api") and store.get("api").value == "tok-3",
         10,
