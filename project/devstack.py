@@ -148,7 +148,7 @@ def lint() -> int:
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         "TOKENS_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
     }
-    targets = ["project", "tokens", "tests", "dev.py"]
+    targets = ["project", "tokens", "tests", "bench", "dev.py"]
     failed = subprocess.call([str(BIN / "ruff"), "check", *targets], cwd=ROOT)
     failed |= subprocess.call([str(BIN / "ruff"), "format", "--check", *targets], cwd=ROOT)
     failed |= subprocess.call([str(BIN / "mypy"), "project", "tokens"], cwd=ROOT, env=env)

@@ -49,6 +49,10 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     global _server
+    import sys
+
+    if "tokens.notify" in sys.modules:  # stop listening before the server goes away
+        sys.modules["tokens.notify"].listener.stop()
     if _server is not None:
         _server.stop()
         _server = None

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import DatabaseError
+from django.db import DatabaseError, connections
 
 from tokens import metrics, notify, selectors, services, store
 from tokens.conf import tokens_settings
@@ -36,6 +36,7 @@ def get_token(name: str, *, timeout: float | None = None) -> str:
     Waits up to ``timeout`` seconds (default TOKENS_WAIT_TIMEOUT) for a first token. Raises
     UnknownProvider, ProviderDisabled, or TokenUnavailable (with the provider's last error).
     """
+    # The warm path, inlined (a function call would cost as much as the lookup itself).
     try:
         entry = _memory.get(name)
     except TypeError:  # unhashable: reported properly below
@@ -45,37 +46,44 @@ def get_token(name: str, *, timeout: float | None = None) -> str:
     return _get_token_slow(name, timeout)[0]
 
 
+def _remembered(name: object) -> notify.Entry | None:
+    """This process's entry for ``name`` while it may be trusted (get_token() inlines this)."""
+    try:
+        entry = _memory.get(name)  # type: ignore[call-overload]
+    except TypeError:
+        return None
+    return entry if entry is not None and entry[1] > _time() else None
+
+
 def get_token_with_type(name: str, *, timeout: float | None = None) -> tuple[str, str]:
     """get_token(), with the token's type ("Bearer", ...) for an Authorization header."""
-    try:
-        entry = _memory.get(name)
-    except TypeError:
-        entry = None
-    if entry is not None and entry[1] > _time():
+    entry = _remembered(name)
+    if entry is not None:
         return entry[0], entry[3]
     return _get_token_slow(name, timeout)
 
 
 async def aget_token(name: str, *, timeout: float | None = None) -> str:
     """get_token() for async code: waits in a worker thread, never blocking the event loop."""
-    try:
-        entry = _memory.get(name)
-    except TypeError:
-        entry = None
-    if entry is not None and entry[1] > _time():
-        return entry[0]
-    return (await sync_to_async(_get_token_slow, thread_sensitive=False)(name, timeout))[0]
+    return (await aget_token_with_type(name, timeout=timeout))[0]
 
 
 async def aget_token_with_type(name: str, *, timeout: float | None = None) -> tuple[str, str]:
     """aget_token(), with the token's type."""
-    try:
-        entry = _memory.get(name)
-    except TypeError:
-        entry = None
-    if entry is not None and entry[1] > _time():
+    entry = _remembered(name)
+    if entry is not None:
         return entry[0], entry[3]
-    return await sync_to_async(_get_token_slow, thread_sensitive=False)(name, timeout)
+    return await sync_to_async(_in_worker_thread, thread_sensitive=False)(
+        _get_token_slow, name, timeout
+    )
+
+
+def _in_worker_thread(function: Any, *args: Any) -> Any:
+    """Run ``function`` in an executor thread, closing the database connection it opened."""
+    try:
+        return function(*args)
+    finally:
+        connections.close_all()
 
 
 def invalidate_token(name: str, token: str) -> bool:
@@ -104,7 +112,11 @@ def invalidate_token(name: str, token: str) -> bool:
 
 async def ainvalidate_token(name: str, token: str) -> bool:
     """invalidate_token() for async code."""
-    return await sync_to_async(invalidate_token, thread_sensitive=False)(name, token)
+    return bool(
+        await sync_to_async(_in_worker_thread, thread_sensitive=False)(
+            invalidate_token, name, token
+        )
+    )
 
 
 def _check_arguments(name: object, timeout: object) -> float:

@@ -100,7 +100,7 @@ class Listener:
         self._wake(name)
 
     def _disconnected(self) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self._stopping.is_set():
             logger.warning("tokens: lost the notification channel; trusting memory briefly")
         self.connected.clear()
         self._generations[""] = self._generations.get("", 0) + 1

@@ -1,0 +1,411 @@
+"""tokens benchmarks: ``python3 dev.py bench [--quick]``.
+
+Prints each figure of the performance issue as a table row with its baseline and ratio, all
+measured in the same run on this machine. Uses DATABASE_URL / REDIS_URL when set; otherwise a
+SQLite file under .state/ and an embedded Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = ROOT / ".state"
+
+
+def setup_environment(redis_url: str, database_url: str) -> None:
+    from cryptography.fernet import Fernet
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    os.environ["REDIS_URL"] = redis_url
+    os.environ.setdefault("CELERY_BROKER_URL", redis_url.rsplit("/", 1)[0] + "/1")
+    os.environ["DATABASE_URL"] = database_url
+    os.environ.setdefault("DJANGO_SECRET_KEY", "bench-" + os.urandom(8).hex())
+    os.environ.setdefault("TOKENS_ENCRYPTION_KEYS", Fernet.generate_key().decode())
+    os.environ.setdefault("TOKENS_MIN_REFRESH_INTERVAL", "1")
+
+
+def per_call(function, number: int, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    """Median seconds per call over ``repeat`` batches of ``number`` calls."""
+    timings = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        for _ in range(number):
+            function()
+        timings.append((time.perf_counter() - started) / number)
+    return statistics.median(timings)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str, str]] = []
+
+    def add(self, figure: str, value: str, baseline: str, ratio: str, target: str) -> None:
+        self.rows.append((figure, value, baseline, ratio, target))
+        print(f"  {figure}: {value} | baseline {baseline} | {ratio} | target {target}", flush=True)
+
+    def table(self) -> str:
+        head = ("figure", "measured", "baseline (same run)", "ratio", "target")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.3f} µs"
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def warm_read(report: Report, quick: bool) -> None:
+    from django.core.cache.backends.redis import RedisCache
+    from django_redis.cache import RedisCache as DjangoRedisCache
+
+    from tokens import get_token
+    from tokens.models import Provider
+    from tokens.services import Reason, token_refresh
+
+    provider = Provider.objects.create(
+        name="warm", kind="callable", config={"path": "bench.generators.instant"}
+    )
+    token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+    value = get_token("warm")
+    plain = {"warm": value}
+    url = os.environ["REDIS_URL"]
+    builtin = RedisCache(url, {})
+    django_redis = DjangoRedisCache(url, {})
+    builtin.set("bench-key", value)
+    django_redis.set("bench-key", value)
+    fast, slow = (20_000, 300) if quick else (200_000, 3_000)
+    repeat = 5 if quick else 9
+    t_dict = per_call(lambda: plain.get("warm"), fast, repeat)
+    t_get = per_call(lambda: get_token("warm"), fast, repeat)
+    t_builtin = per_call(lambda: builtin.get("bench-key"), slow, repeat)
+    t_django_redis = per_call(lambda: django_redis.get("bench-key"), slow, repeat)
+    report.add(
+        "1. warm get_token() vs dict.get",
+        us(t_get),
+        f"dict.get {us(t_dict)}",
+        f"{t_get / t_dict:.1f}×",
+        "≤ 10×",
+    )
+    report.add(
+        "1. Django RedisCache.get vs warm get_token()",
+        us(t_builtin),
+        f"get_token {us(t_get)}",
+        f"{t_builtin / t_get:.0f}× slower",
+        "≥ 100×",
+    )
+    report.add(
+        "1. django-redis get vs warm get_token()",
+        us(t_django_redis),
+        f"get_token {us(t_get)}",
+        f"{t_django_redis / t_get:.0f}× slower",
+        "≥ 100×",
+    )
+
+
+READER = r"""
+import json, os, sys, time
+import django
+django.setup()
+from tokens import get_token
+name, until = sys.argv[1], float(sys.argv[2])
+seen, last = [], None
+get_token(name, timeout=10)
+print("ready", flush=True)
+while time.time() < until:
+    value = get_token(name, timeout=10)
+    if value != last:
+        seen.append((value, time.time()))
+        last = value
+    time.sleep(0.0002)
+print(json.dumps(seen), flush=True)
+"""
+
+
+def freshness(report: Report, quick: bool) -> None:
+    from tokens.models import Provider
+    from tokens.services import Reason, token_refresh
+
+    refreshes = 40 if quick else 200
+    provider = Provider.objects.create(
+        name="fresh", kind="callable", config={"path": "bench.generators.instant"}
+    )
+    token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+    until = time.time() + 8 + refreshes * 0.06
+    readers = [
+        subprocess.Popen(
+            [sys.executable, "-c", READER, "fresh", str(until)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for reader in readers:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
+    stored: dict[str, float] = {}
+    for _ in range(refreshes):
+        result = token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+        assert result.token is not None
+        stored[result.token.value] = time.time()
+        time.sleep(0.05)
+    lags = []
+    for reader in readers:
+        out, _ = reader.communicate(timeout=120)
+        for value, at in json.loads(out.strip().splitlines()[-1]):
+            if value in stored:
+                lags.append(max(0.0, at - stored[value]))
+    missed = refreshes * 4 - len(lags)
+    report.add(
+        f"2. memory layer: new token seen by other processes ({len(lags)} samples, "
+        f"{missed} superseded before seen)",
+        f"p99 {ms(percentile(lags, 99))}",
+        f"p50 {ms(percentile(lags, 50))}",
+        "—",
+        "p99 ≤ 50 ms",
+    )
+
+
+def start_worker(concurrency: int = 2) -> subprocess.Popen[bytes]:
+    log = open(STATE / "bench-worker.log", "wb")  # noqa: SIM115
+    worker = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "celery"),
+            "-A",
+            "project",
+            "worker",
+            "--loglevel=WARNING",
+            f"--concurrency={concurrency}",
+            "--without-gossip",
+            "--without-mingle",
+            "--hostname=bench@%h",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    from project.celery import app
+
+    deadline = time.monotonic() + 30
+    while not app.control.ping(timeout=0.5):
+        if time.monotonic() > deadline or worker.poll() is not None:
+            raise RuntimeError("the benchmark worker did not start (.state/bench-worker.log)")
+    return worker
+
+
+def cold_first_token(report: Report, quick: bool) -> None:
+    from tokens import get_token
+    from tokens.models import Provider
+
+    count = 20 if quick else 100
+    Provider.objects.bulk_create(
+        [
+            Provider(name=f"cold-{i}", kind="callable", config={"path": "bench.generators.instant"})
+            for i in range(count)
+        ]
+    )  # no signals: nothing is fetched until get_token() asks
+    timings = []
+    for i in range(count):
+        started = time.perf_counter()
+        get_token(f"cold-{i}", timeout=10)
+        timings.append(time.perf_counter() - started)
+    report.add(
+        f"3. cold first token, worker running, instant generator ({count} providers)",
+        f"p50 {ms(statistics.median(timings))}",
+        f"p95 {ms(percentile(timings, 95))}",
+        "—",
+        "p50 ≤ 50 ms",
+    )
+
+
+BURST = r"""
+import sys, threading, time, json
+import django
+django.setup()
+from tokens import get_token
+import redis, os
+client = redis.Redis.from_url(os.environ["REDIS_URL"])
+results, errors = [], []
+barrier = threading.Barrier(50)
+def call():
+    barrier.wait()
+    try:
+        results.append(get_token("burst", timeout=20))
+    except Exception as exc:
+        errors.append(repr(exc))
+while not client.get("bench:go"):
+    time.sleep(0.005)
+threads = [threading.Thread(target=call) for _ in range(50)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps({"ok": len(results), "errors": errors, "distinct": len(set(results))}))
+"""
+
+
+def cold_burst(report: Report) -> None:
+    import redis
+
+    from tokens.models import Provider
+
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    client.delete("bench:go", "bench:calls:burst")
+    Provider.objects.bulk_create(
+        [Provider(name="burst", kind="callable", config={"path": "bench.generators.instant"})]
+    )
+    callers = [
+        subprocess.Popen([sys.executable, "-c", BURST], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    time.sleep(3)
+    client.set("bench:go", "1")
+    results = [json.loads(c.communicate(timeout=60)[0].strip().splitlines()[-1]) for c in callers]
+    ok = sum(r["ok"] for r in results)
+    errors = sum(len(r["errors"]) for r in results)
+    calls = int(client.get("bench:calls:burst") or 0)
+    report.add(
+        "4. cold burst: 200 callers over 4 processes",
+        f"{calls} generator call(s)",
+        f"{ok} got the token, {errors} errors",
+        "—",
+        "1 call, 0 errors",
+    )
+
+
+def memory_layer(report: Report, quick: bool) -> None:
+    import tracemalloc
+
+    from tokens import notify
+
+    count = 10_000
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for i in range(count):
+        notify.memory[f"provider-{i:05d}"] = ("x" * 40 + f"{i:08d}", time.time() + 60, i, "Bearer")
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    used = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    for i in range(count):
+        notify.memory.pop(f"provider-{i:05d}", None)
+    report.add(
+        "6. memory layer per provider (48-char tokens, 10,000 entries)",
+        f"{used / count:.0f} B",
+        "—",
+        "—",
+        "≤ ~1 KiB",
+    )
+
+
+def throughput(report: Report, quick: bool) -> None:
+    from django.db import connection
+
+    from tokens.models import Provider, ProviderState
+    from tokens.services import Reason
+    from tokens.tasks import enqueue
+
+    count = 300 if quick else 2000
+    providers = Provider.objects.bulk_create(
+        [
+            Provider(name=f"tp-{i}", kind="callable", config={"path": "bench.generators.instant"})
+            for i in range(count)
+        ]
+    )
+    ProviderState.objects.bulk_create([ProviderState(provider=p) for p in providers])
+    ids = [p.pk for p in providers]
+    started = time.perf_counter()
+    for pk in ids:
+        enqueue(pk, Reason.MANUAL)
+    deadline = time.monotonic() + 600
+    done = 0
+    while time.monotonic() < deadline:
+        done = ProviderState.objects.filter(provider_id__in=ids, current_version__gt=0).count()
+        if done == count:
+            break
+        time.sleep(0.2)
+    elapsed = time.perf_counter() - started
+    report.add(
+        f"7. refresh throughput, {connection.vendor}, worker prefork -c 2 ({count} refreshes)",
+        f"{done / elapsed:.0f} refreshes/s",
+        f"{done} of {count} done",
+        "—",
+        "report",
+    )
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="seconds, not minutes")
+    args = parser.parse_args()
+    STATE.mkdir(exist_ok=True)
+    from project.embedded_redis import EmbeddedRedis
+
+    server = None
+    redis_url = os.environ.get("REDIS_URL")
+    if not redis_url:
+        server = EmbeddedRedis(STATE / "bench-redis")
+        redis_url = server.start()
+    workdir = Path(tempfile.mkdtemp(prefix="tokens-bench-", dir=STATE))
+    database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{workdir / 'bench.sqlite3'}"
+    setup_environment(redis_url, database_url)
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        call_command("flush", "--no-input", verbosity=0)
+    call_command("migrate", verbosity=0)
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    report = Report()
+    print(
+        f"tokens benchmarks ({'quick' if args.quick else 'full'}) on {connection.vendor}, "
+        f"{os.cpu_count()} cores",
+        flush=True,
+    )
+    worker = None
+    try:
+        warm_read(report, args.quick)
+        freshness(report, args.quick)
+        memory_layer(report, args.quick)
+        worker = start_worker()
+        cold_first_token(report, args.quick)
+        cold_burst(report)
+        throughput(report, args.quick)
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(30)
+        if server is not None:
+            server.stop()
+    print()
+    print(report.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
