@@ -31,6 +31,7 @@ def setup_environment(redis_url: str, database_url: str) -> None:
     os.environ.setdefault("DJANGO_SECRET_KEY", "bench-" + os.urandom(8).hex())
     os.environ.setdefault("TOKENS_ENCRYPTION_KEYS", Fernet.generate_key().decode())
     os.environ.setdefault("TOKENS_MIN_REFRESH_INTERVAL", "1")
+    os.environ.setdefault("DJANGO_LOG_LEVEL", "WARNING")
 
 
 def per_call(function, number: int, repeat: int) -> float:  # type: ignore[no-untyped-def]
@@ -289,6 +290,8 @@ def cold_burst(report: Report) -> None:
         "—",
         "1 call, 0 errors",
     )
+    for error in sorted({e for r in results for e in r["errors"]})[:3]:
+        print(f"     error: {error[:300]}", flush=True)
 
 
 def memory_layer(report: Report, quick: bool) -> None:
@@ -312,6 +315,96 @@ def memory_layer(report: Report, quick: bool) -> None:
         "—",
         "—",
         "≤ ~1 KiB",
+    )
+
+
+WEB = r"""
+import sys, psutil
+import django
+django.setup()
+from tokens import get_token, notify
+count = int(sys.argv[1])
+before = psutil.Process().memory_info().rss
+for i in range(count):
+    get_token(f"rss-{i}", timeout=10)
+after = psutil.Process().memory_info().rss
+print(len(notify.memory), before, after, flush=True)
+"""
+
+
+def process_memory(report: Report, quick: bool, worker: subprocess.Popen[bytes]) -> None:
+    """RSS of a web-like process holding every provider's token in memory, and of the worker."""
+    from datetime import timedelta
+
+    import psutil
+    from django.utils import timezone
+
+    from tokens import crypto
+    from tokens.models import Provider, ProviderState, Token
+
+    count = 1_000 if quick else 10_000
+    now = timezone.now()
+    providers = Provider.objects.bulk_create(
+        [
+            Provider(name=f"rss-{i}", kind="static", secret=f"static-token-{i:06d}" + "x" * 30)
+            for i in range(count)
+        ],
+        batch_size=500,
+    )
+    ProviderState.objects.bulk_create(
+        [
+            ProviderState(
+                provider=p,
+                fence=1,
+                current_version=1,
+                last_refresh_at=now,
+                expires_at=now + timedelta(hours=1),
+            )
+            for p in providers
+        ],
+        batch_size=500,
+    )
+    Token.objects.bulk_create(
+        [
+            Token(
+                provider=p,
+                version=1,
+                value=p.secret,
+                fingerprint=crypto.fingerprint(p.secret),
+                issued_at=now,
+                expires_at=now + timedelta(hours=1),
+                refresh_at=now + timedelta(minutes=50),
+            )
+            for p in providers
+        ],
+        batch_size=500,
+    )
+    web = subprocess.run(
+        [sys.executable, "-c", WEB, str(count)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
+    held, before, after = (int(x) for x in web.stdout.split()[-3:])
+    report.add(
+        f"6. web process RSS with {count:,} providers' tokens in memory",
+        f"{after / 2**20:.0f} MiB",
+        f"{before / 2**20:.0f} MiB before reading them",
+        f"{(after - before) / held:.0f} B per provider",
+        "≤ ~1 KiB per provider",
+    )
+    rss = sum(
+        p.memory_info().rss
+        for p in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children()]
+    )
+    report.add(
+        "6. worker RSS (main process + 2 prefork children)",
+        f"{rss / 2**20:.0f} MiB",
+        "—",
+        "—",
+        "report",
     )
 
 
@@ -396,6 +489,7 @@ def main() -> int:
         cold_first_token(report, args.quick)
         cold_burst(report)
         throughput(report, args.quick)
+        process_memory(report, args.quick, worker)
     finally:
         if worker is not None:
             worker.terminate()

@@ -155,8 +155,8 @@ def test_get_token__token_stored_between_read_and_wait_is_not_missed(
     original = api._Reader.read
     calls = []
 
-    def read_then_store(self: api._Reader) -> tuple[str, str] | None:
-        value = original(self)
+    def read_then_store(self: api._Reader, **kwargs: bool) -> tuple[str, str] | None:
+        value = original(self, **kwargs)
         if not calls:
             calls.append(1)
             services.token_refresh(

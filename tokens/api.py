@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import DatabaseError, connections
+from django.db import DatabaseError, connection, connections
 
 from tokens import metrics, notify, selectors, services, store
 from tokens.conf import tokens_settings
@@ -141,9 +141,9 @@ class _Reader:
         self.provider_id: int | None = None
         self.problems: list[str] = []
 
-    def read(self) -> tuple[str, str] | None:
-        """A valid token and its type from Redis or the database, or None (after asking for
-        a refresh)."""
+    def read(self, *, database: bool = True) -> tuple[str, str] | None:
+        """A valid token and its type from Redis or (with ``database``) the database, or None
+        (after asking for a refresh)."""
         generation = _listener.generation(self.name)
         now = _time()
         try:
@@ -163,6 +163,9 @@ class _Reader:
                 generation,
             )
             return cached.value, cached.token_type
+        if not database and self.provider_id is not None:
+            self._request_refresh()
+            return None
         try:
             provider = selectors.provider_for_reading(name=self.name)
             token = selectors.current_token(provider=provider)
@@ -252,10 +255,11 @@ def _get_token_slow(name: Any, timeout: Any) -> tuple[str, str]:
     # Register as a waiter before reading, and read again once subscribed: a token stored
     # between our read and our wait still wakes us.
     waited = False
+    database = True
     with _listener.waiter(name) as woken:
         while True:
             woken.clear()
-            value = reader.read()
+            value = reader.read(database=database)
             if value is not None:
                 return value
             remaining = deadline - time.monotonic()
@@ -265,10 +269,23 @@ def _get_token_slow(name: Any, timeout: Any) -> tuple[str, str]:
             if not waited:
                 waited = True
                 metrics.WAITS.labels(name).inc()
+            _release_database_connection()  # the refresh we wait for may need it more
             if not _listener.connected.is_set():
                 if _listener.connected.wait(min(remaining, 0.2)):
                     continue  # just subscribed: read again before waiting
                 recheck = 0.1
             else:
                 recheck = tokens_settings.seconds("WAIT_RECHECK")
-            woken.wait(min(remaining, recheck))
+            notified = woken.wait(min(remaining, recheck))
+            # While notifications flow, re-checks read Redis only: a store always reaches
+            # Redis before its notification. A notification (the provider changed?) or a lost
+            # channel sends the next read to the database too.
+            database = notified or not _listener.connected.is_set()
+
+
+def _release_database_connection() -> None:
+    """Close this thread's idle database connection before a wait of up to seconds (not
+    inside a transaction): many waiting threads must not hold the connections that the
+    refresh they wait for needs."""
+    if not connection.in_atomic_block:
+        connection.close()

@@ -103,6 +103,12 @@ def token_refresh(*, provider_id: int, reason: Reason = Reason.SCHEDULE) -> Refr
     return result
 
 
+def release_pending(*, provider_id: int) -> None:
+    """Let readers ask for a refresh of ``provider_id`` again at once."""
+    with contextlib.suppress(store.StoreError):
+        store.clear_pending(provider_id)
+
+
 def state_of(provider_id: int) -> ProviderState:
     state, _ = ProviderState.objects.get_or_create(provider_id=provider_id)
     return state

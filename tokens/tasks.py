@@ -16,7 +16,13 @@ REASON_HEADER = "tokens_reason"
 def refresh_token(self: Task, provider_id: int) -> None:
     """Refresh one provider's token; after a transient failure, try again after the backoff."""
     reason = Reason(self.request.get(REASON_HEADER) or Reason.SCHEDULE)
-    result = services.token_refresh(provider_id=provider_id, reason=reason)
+    try:
+        result = services.token_refresh(provider_id=provider_id, reason=reason)
+    except Exception:
+        # Readers waiting on this refresh must be free to ask again (say the database was
+        # briefly unreachable), not wait out the pending claim.
+        services.release_pending(provider_id=provider_id)
+        raise
     if result.retry_in is not None:
         enqueue(provider_id, Reason.RETRY, countdown=result.retry_in, expires=result.retry_in + 60)
 
