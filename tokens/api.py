@@ -269,7 +269,9 @@ def _get_token_slow(name: Any, timeout: Any) -> tuple[str, str]:
             if not waited:
                 waited = True
                 metrics.WAITS.labels(name).inc()
-            _release_database_connection()  # the refresh we wait for may need it more
+            else:
+                # Still waiting after a re-check: the refresh may need our connection more.
+                _release_database_connection()
             if not _listener.connected.is_set():
                 if _listener.connected.wait(min(remaining, 0.2)):
                     continue  # just subscribed: read again before waiting
