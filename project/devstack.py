@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,13 @@ def run() -> int:
     web_port = env.setdefault("DEV_WEB_PORT", "8000")
     flower_port = env.setdefault("DEV_FLOWER_PORT", "5555")
     env.setdefault("TOKENS_FLOWER_URL", f"http://127.0.0.1:{flower_port}")
+    if "PROMETHEUS_MULTIPROC_DIR" not in env:
+        # /tokens/metrics adds up the counters of web and worker (prometheus-client's
+        # multiprocess mode); the directory must start empty.
+        metrics_dir = STATE / "prometheus"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     with redis_url(env) as url:
         env["REDIS_URL"] = url
         _manage(env, "migrate", "--no-input", "-v", "0")
