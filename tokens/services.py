@@ -138,16 +138,15 @@ def _skip_reason(provider: Provider, state: ProviderState, reason: Reason) -> Ou
 def _settle_pending(provider_id: int, outcome: Outcome, state: ProviderState) -> None:
     """Let readers ask for a refresh again: at once, or after a failure once its backoff ends
     (a permanent failure: not before the provider changes; the schedule still runs)."""
-    try:
-        if outcome in (Outcome.BACKOFF, Outcome.FAILED) and state.permanent_error:
+    failed = outcome in (Outcome.BACKOFF, Outcome.FAILED)
+    with contextlib.suppress(store.StoreError):
+        if failed and state.permanent_error:
             store.hold_pending(provider_id, tokens_settings.seconds("LOCK_TTL"))
-        elif outcome in (Outcome.BACKOFF, Outcome.FAILED) and state.next_attempt_at is not None:
+        elif failed and state.next_attempt_at is not None:
             remaining = (state.next_attempt_at - timezone.now()).total_seconds()
             store.hold_pending(provider_id, max(remaining, 0.05))
         else:
             store.clear_pending(provider_id)
-    except store.StoreError:
-        pass
 
 
 def _release(lock: Lock | None, provider_id: int) -> None:

@@ -12,7 +12,7 @@ from tokens.services import Reason
 REASON_HEADER = "tokens_reason"
 
 
-@shared_task(name="tokens.refresh_token", ignore_result=True, bind=True)
+@shared_task(name=services.REFRESH_TASK, ignore_result=True, bind=True)
 def refresh_token(self: Task, provider_id: int) -> None:
     """Refresh one provider's token; after a transient failure, try again after the backoff."""
     reason = Reason(self.request.get(REASON_HEADER) or Reason.SCHEDULE)
