@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 import redis
+from django.db import connection
 from django.utils import timezone
 
 from tests.factories import make_provider
@@ -119,7 +120,10 @@ def test_get_token__waits_for_first_token_and_wakes_on_the_notification(settings
 
     def refresh_later() -> None:
         time.sleep(0.3)
-        services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+        try:
+            services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+        finally:
+            connection.close()  # a thread's own connection
 
     thread = threading.Thread(target=refresh_later)
     thread.start()

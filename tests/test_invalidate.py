@@ -8,6 +8,7 @@ import time
 import pytest
 import redis
 from django.conf import settings
+from django.db import connection
 
 from project.celery import app
 from tests.factories import make_provider
@@ -37,7 +38,10 @@ def test_invalidate__current_token_is_dropped_everywhere_and_a_refresh_is_queued
 
     def refresh_soon() -> None:
         time.sleep(0.3)
-        token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+        try:
+            token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+        finally:
+            connection.close()  # a thread's own connection
 
     thread = threading.Thread(target=refresh_soon)
     thread.start()
