@@ -55,16 +55,6 @@ def decrypt(ciphertext: str, *, what: str = "a stored value") -> str:
         ) from None
 
 
-def rotate(ciphertext: str) -> str:
-    """Re-encrypt ``ciphertext`` with the first key (MultiFernet.rotate)."""
-    try:
-        return multi_fernet().rotate(ciphertext.encode()).decode()
-    except InvalidToken:
-        raise DecryptionError(
-            "cannot rotate a value that no key in TOKENS_ENCRYPTION_KEYS decrypts"
-        ) from None
-
-
 def fingerprint(token: str) -> str:
     """A short, keyed, one-way fingerprint for display: tells tokens apart, reveals nothing."""
     return salted_hmac("tokens.fingerprint", token, algorithm="sha256").hexdigest()[:12]
