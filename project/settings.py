@@ -80,6 +80,10 @@ LOGGING = {
 DATABASES = {
     "default": env.db("DATABASE_URL", default=f"sqlite:///{STATE_DIR / 'db.sqlite3'}"),
 }
+# Keep connections between requests and tasks (a new PostgreSQL connection per task costs more
+# than a refresh); checked before reuse.
+DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60))
+DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Web, worker and beat write to one file: WAL lets readers run beside the writer, and
     # IMMEDIATE transactions queue writers on the busy timeout instead of failing at upgrade.
@@ -140,6 +144,9 @@ TOKENS_HTTP_TIMEOUT = env.float("TOKENS_HTTP_TIMEOUT", default=10.0)
 # Longer than CELERY_TASK_TIME_LIMIT, well below the broker's visibility timeout.
 TOKENS_LOCK_TTL = env.float("TOKENS_LOCK_TTL", default=CELERY_TASK_TIME_LIMIT + 30)
 TOKENS_RETRY_MAX = env.float("TOKENS_RETRY_MAX", default=300.0)
+# Beat's one entry dispatches due refreshes this often, in batches of this many providers.
+TOKENS_DISPATCH_EVERY = env.float("TOKENS_DISPATCH_EVERY", default=1.0)
+TOKENS_DISPATCH_BATCH = env.int("TOKENS_DISPATCH_BATCH", default=50)
 # /tokens/health/ and /tokens/metrics: "open", "staff" or "key" (Authorization: Bearer <key>).
 TOKENS_MONITORING_ACCESS = env.str("TOKENS_MONITORING_ACCESS", default="staff")
 TOKENS_MONITORING_KEY = env.str("TOKENS_MONITORING_KEY", default="")

@@ -11,7 +11,7 @@ from django_celery_beat.models import PeriodicTask
 
 from tests.factories import SECRET, make_provider
 from tokens import services
-from tokens.models import Provider
+from tokens.models import Provider, ProviderState
 
 pytestmark = pytest.mark.django_db
 
@@ -47,7 +47,7 @@ def test_add__creates_a_scheduled_provider_with_an_encrypted_secret(staff: Clien
     assert response.status_code == 302, response.content.decode()[-3000:]
     provider = Provider.objects.get(name="payments")
     assert provider.secret == SECRET
-    assert PeriodicTask.objects.get(name="tokens.refresh:payments").enabled
+    assert provider.refresh_state.next_run_at is not None  # on the schedule
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_add__invalid_input_is_refused_on_the_field_and_nothing_is_saved(
     assert field in errors, errors
     assert any(fragment in message for message in errors[field])
     assert not Provider.objects.exists()
-    assert not PeriodicTask.objects.filter(name__startswith="tokens.refresh:").exists()
+    assert not ProviderState.objects.exists()  # nothing scheduled
 
 
 def test_change__secret_is_never_rendered_and_blank_keeps_it(staff: Client) -> None:
@@ -121,7 +121,6 @@ def test_actions__refresh_now_enable_disable(
     assert len(callbacks) == 1
     staff.post("/admin/tokens/provider/", {"action": "disable", "_selected_action": [provider.pk]})
     assert not Provider.objects.get(pk=provider.pk).enabled
-    assert not PeriodicTask.objects.get(name="tokens.refresh:payments").enabled
     staff.post("/admin/tokens/provider/", {"action": "enable", "_selected_action": [provider.pk]})
     assert Provider.objects.get(pk=provider.pk).enabled
 
@@ -193,9 +192,17 @@ def test_change__links_to_the_beat_schedule_and_flower(staff: Client, settings) 
     settings.TOKENS_FLOWER_URL = "http://flower.example:5555"
     provider = make_provider("payments", kind="static", secret=SECRET)
     page = staff.get(f"/admin/tokens/provider/{provider.pk}/change/").content.decode()
-    task = PeriodicTask.objects.get(name="tokens.refresh:payments")
+    task = PeriodicTask.objects.get(name="tokens.dispatch")
     assert f"/admin/django_celery_beat/periodictask/{task.pk}/change/" in page
+    assert "next scheduled refresh" in page.lower()
     assert "http://flower.example:5555/tasks" in page
+    task.enabled = False
+    task.save()
+    page = staff.get(f"/admin/tokens/provider/{provider.pk}/change/").content.decode()
+    assert "disabled: no scheduled refreshes" in page
+    task.delete()
+    page = staff.get(f"/admin/tokens/provider/{provider.pk}/change/").content.decode()
+    assert "manage.py sync_token_schedules" in page
 
 
 def test_add__form_explains_each_kind(staff: Client) -> None:

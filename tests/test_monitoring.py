@@ -137,7 +137,7 @@ def test_metrics__refreshes_failures_expiry_waits_and_timeouts(staff: Client) ->
     text = staff.get("/tokens/metrics").content.decode()
     assert 'tokens_refreshes_total{outcome="stored",provider="good"}' in text
     assert 'tokens_refresh_failures_total{error_class="permanent",provider="bad"}' in text
-    assert 'tokens_refresh_duration_seconds_count{provider="good"}' in text
+    assert 'tokens_refresh_duration_seconds_count{kind="static"}' in text
     assert 'tokens_token_expiry_seconds{provider="good"}' in text
     assert 'tokens_token_valid{provider="bad"} 0.0' in text
     assert 'tokens_consecutive_failures{provider="bad"} 1.0' in text

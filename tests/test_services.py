@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from io import StringIO
 
@@ -10,7 +9,7 @@ import pytest
 import redis
 from django.core.management import CommandError, call_command
 from django.utils import timezone
-from django_celery_beat.models import IntervalSchedule, PeriodicTask
+from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTasks
 from pytest_httpserver import HTTPServer
 
 from tests.factories import SECRET, make_provider, oauth2_config
@@ -190,7 +189,9 @@ def test_refresh__stale_fence_never_replaces_a_newer_token() -> None:
     assert newer > stale_fence
     from tokens.generators import GeneratedToken
 
-    late = services._store(provider, stale_fence, GeneratedToken(access_token="stale-token"))
+    late = services._store(
+        provider, state(provider), stale_fence, GeneratedToken(access_token="stale-token")
+    )
     assert late is None
     assert state(provider).current_version == newer
     assert not Token.objects.filter(version=stale_fence).exists()
@@ -221,7 +222,12 @@ def test_config_change_voids_the_old_token_and_fences_inflight_refreshes() -> No
     from tokens.selectors import current_token
 
     assert current_token(provider=provider) is None
-    assert services._store(provider, inflight, GeneratedToken(access_token="old-config")) is None
+    assert (
+        services._store(
+            provider, state(provider), inflight, GeneratedToken(access_token="old-config")
+        )
+        is None
+    )
     assert store.get("api") is None
     assert services.token_refresh(provider_id=provider.pk).outcome == Outcome.STORED
     assert current_token(provider=provider).value == "mapped"
@@ -251,72 +257,212 @@ def test_saving_a_stale_instance_never_moves_the_fence_back() -> None:
 # ---------------------------------------------------------------------------- schedule
 
 
-def periodic(name: str) -> PeriodicTask:
-    return PeriodicTask.objects.get(name=f"tokens.refresh:{name}")
+def next_run(provider: Provider):  # type: ignore[no-untyped-def]
+    return state(provider).next_run_at
 
 
-def test_schedule__follows_create_edit_disable_rename_delete() -> None:
+def set_next_run(provider: Provider, when) -> None:  # type: ignore[no-untyped-def]
+    ProviderState.objects.filter(provider=provider).update(next_run_at=when)
+
+
+def beat_changes():  # type: ignore[no-untyped-def]
+    """What makes beat reload its whole schedule (django-celery-beat's change marker)."""
+    return PeriodicTasks.last_change()
+
+
+def test_dispatcher__one_beat_entry_exists_after_migrate() -> None:
+    task = PeriodicTask.objects.get(name=services.DISPATCH_SCHEDULE)
+    assert task.task == "tokens.dispatch_due" and task.enabled
+    assert (task.interval.every, task.interval.period) == (1, IntervalSchedule.SECONDS)
+    assert task.expire_seconds == 5  # a dispatch stuck behind a backlog is dropped
+
+
+def test_schedule__new_provider_runs_one_interval_after_creation() -> None:
+    before = timezone.now()
     provider = counted_provider(interval=30)
-    task = periodic("api")
-    assert task.task == "tokens.refresh_token"
-    assert json.loads(task.args) == [provider.pk]
-    assert (task.interval.every, task.interval.period) == (30, IntervalSchedule.SECONDS)
-    assert task.expire_seconds == 30 and task.enabled
+    after = timezone.now()
+    assert before + timedelta(seconds=30) <= next_run(provider) <= after + timedelta(seconds=30)
 
-    provider.refresh_interval = timedelta(seconds=45)
+
+def test_schedule__interval_edit_counts_from_the_previous_run_and_never_lies_in_the_past() -> None:
+    provider = counted_provider(interval=60)
+    now = timezone.now()
+    set_next_run(provider, now + timedelta(seconds=50))  # the previous run was 10 s ago
+    provider.refresh_interval = timedelta(seconds=30)
     provider.save()
-    assert periodic("api").interval.every == 45 and periodic("api").expire_seconds == 45
+    assert next_run(provider) == now + timedelta(seconds=20)
+    provider.refresh_interval = timedelta(seconds=120)
+    provider.save()
+    assert next_run(provider) == now + timedelta(seconds=110)
+    provider.refresh_interval = timedelta(seconds=5)  # the previous run is older than that
+    provider.save()
+    assert now <= next_run(provider) <= timezone.now()
 
+
+def test_schedule__provider_edits_never_make_beat_reload() -> None:
+    """A PeriodicTask per provider made every edit reload beat's whole schedule (#675)."""
+    changes = beat_changes()
+    provider = counted_provider(interval=60)
+    for seconds in (30, 90):
+        provider.refresh_interval = timedelta(seconds=seconds)
+        provider.save()
     provider.enabled = False
     provider.save()
-    assert not periodic("api").enabled
-
-    provider.name = "renamed"
-    provider.save()
-    assert not PeriodicTask.objects.filter(name="tokens.refresh:api").exists()
-    assert periodic("renamed").pk == task.pk
-
     provider.delete()
+    assert beat_changes() == changes
     assert not PeriodicTask.objects.filter(name__startswith="tokens.refresh:").exists()
 
 
-def test_schedule__interval_rows_are_shared() -> None:
-    for name in ("a", "b", "c"):
-        counted_provider(name, interval=60)
-    assert IntervalSchedule.objects.filter(every=60, period="seconds").count() == 1
-
-
-def test_schedule__duplicate_interval_rows_do_not_break_sync() -> None:
-    IntervalSchedule.objects.create(every=90, period="seconds")
-    IntervalSchedule.objects.create(every=90, period="seconds")
-    counted_provider(interval=90)
-    assert periodic("api").interval.every == 90
-
-
-def test_schedule__unchanged_provider_does_not_touch_its_task() -> None:
+def test_refresh__never_saves_a_periodic_task() -> None:
+    """Saving a PeriodicTask on every run would make beat reload its schedule every run."""
     provider = counted_provider()
-    before = periodic("api").date_changed
-    assert services.schedule_sync(provider=provider) == "unchanged"
-    assert periodic("api").date_changed == before
+    changes = beat_changes()
+    for reason in (Reason.MANUAL, Reason.SCHEDULE, Reason.READER):
+        services.token_refresh(provider_id=provider.pk, reason=reason)
+    set_next_run(provider, timezone.now())
+    services.schedule_dispatch()
+    assert beat_changes() == changes
 
 
-def test_sync_token_schedules__reconciles_and_reports() -> None:
-    provider = counted_provider()
-    Provider.objects.filter(pk=provider.pk).update(
-        refresh_interval=timedelta(seconds=77)
-    )  # no signal
-    PeriodicTask.objects.filter(name="tokens.refresh:api").delete()
-    orphan_interval = services.interval_schedule(timedelta(seconds=10))
-    PeriodicTask.objects.create(
-        name="tokens.refresh:gone", task="tokens.refresh_token", interval=orphan_interval
+def test_dispatch__claims_due_providers_once_and_moves_each_one_interval_on() -> None:
+    due = [counted_provider(f"due-{i}", interval=60) for i in range(3)]
+    later = counted_provider("later", interval=60)
+    now = timezone.now()
+    for offset, provider in enumerate(due):
+        set_next_run(provider, now - timedelta(seconds=3 - offset))
+    batches = services.schedule_dispatch(now=now)
+    assert batches == [[p.pk for p in due]]  # oldest first
+    for offset, provider in enumerate(due):
+        # on the provider's own grid: one interval after its due time, not after "now"
+        assert next_run(provider) == now - timedelta(seconds=3 - offset) + timedelta(seconds=60)
+    assert next_run(later) > now
+    assert services.schedule_dispatch(now=now) == []  # claimed once
+
+
+def test_dispatch__a_run_missed_by_more_than_an_interval_is_dropped_not_caught_up() -> None:
+    provider = counted_provider(interval=60)
+    now = timezone.now()
+    set_next_run(provider, now - timedelta(minutes=10))  # say beat was down
+    assert services.schedule_dispatch(now=now) == [[provider.pk]]
+    assert next_run(provider) == now + timedelta(seconds=60)
+
+
+def test_dispatch__skips_disabled_providers_and_a_re_enabled_one_starts_over() -> None:
+    provider = counted_provider(interval=60)
+    provider.enabled = False
+    provider.save()
+    set_next_run(provider, timezone.now() - timedelta(seconds=5))
+    assert services.schedule_dispatch() == []
+    before = timezone.now()
+    provider.enabled = True
+    provider.save()
+    assert next_run(provider) >= before + timedelta(seconds=60)
+
+
+def test_dispatch__sends_batches_of_the_setting_grouped_by_interval(settings) -> None:
+    settings.TOKENS_DISPATCH_BATCH = 2
+    now = timezone.now()
+    fast = [counted_provider(f"fast-{i}", interval=10) for i in range(3)]
+    slow = [counted_provider(f"slow-{i}", interval=60) for i in range(2)]
+    for provider in fast + slow:
+        set_next_run(provider, now)
+    batches = services.schedule_dispatch(now=now)
+    assert sorted(map(sorted, batches)) == sorted(
+        [sorted(p.pk for p in fast[:2]), [fast[2].pk], sorted(p.pk for p in slow)]
     )
+
+
+def test_manual_refresh_that_finds_the_lock_held_is_handed_to_the_schedule(
+    redis_client: redis.Redis,
+) -> None:
+    """The holder may be refreshing with an old config: the refresh asked for is not lost."""
+    provider = counted_provider(interval=60)
+    lock = store.refresh_lock(provider.pk)
+    assert lock.acquire()
+    result = services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+    assert result.outcome == Outcome.IN_FLIGHT
+    assert next_run(provider) <= timezone.now()
+    lock.release()
+    assert services.schedule_dispatch() == [[provider.pk]]
+
+
+def test_refresh_batch__refreshes_each_provider_and_stops_at_its_deadline() -> None:
+    import time
+
+    providers = [counted_provider(f"b-{i}", interval=60) for i in range(3)]
+    ProviderState.objects.update(last_refresh_at=None, current_version=0)  # all due
+    ids = [p.pk for p in providers]
+    left = services.refresh_batch(provider_ids=ids, deadline=time.monotonic() - 1)
+    assert left == ids  # nothing begun after the deadline: the task hands them on
+    assert services.refresh_batch(provider_ids=ids, deadline=time.monotonic() + 60) == []
+    assert all(state(p).current_version > 0 for p in providers)
+
+
+def test_refresh_many__each_provider_gets_its_own_outcome_in_one_batch(
+    redis_client: redis.Redis, settings
+) -> None:
+    """Stored, failed, fresh, disabled, locked elsewhere and deleted, side by side: one
+    provider's outcome never leaks into another's, and every lock is given back."""
+    settings.TOKENS_HISTORY = 2
+    stored = [counted_provider(f"ok-{i}") for i in range(12)]  # more than one store group
+    failing = make_provider("failing", kind="callable", config={"path": "tests.callables.explodes"})
+    fresh = counted_provider("fresh")
+    disabled = counted_provider("off", enabled=False)
+    locked = counted_provider("locked")
+    ProviderState.objects.exclude(provider=fresh).update(last_refresh_at=None, current_version=0)
+    lock = store.refresh_lock(locked.pk)
+    assert lock.acquire()
+    ids = [p.pk for p in [*stored, failing, fresh, disabled, locked]] + [999_999]
+    for _ in range(3):
+        ProviderState.objects.filter(provider__in=stored).update(last_refresh_at=None)
+        ProviderState.objects.filter(provider=failing).update(next_attempt_at=None)  # no backoff
+        results = services.refresh_many(ids, reason=Reason.SCHEDULE)
+    lock.release()
+    assert {p.pk: results[p.pk].outcome for p in stored} == dict.fromkeys(
+        [p.pk for p in stored], Outcome.STORED
+    )
+    assert results[failing.pk].outcome == Outcome.FAILED
+    assert results[fresh.pk].outcome == Outcome.FRESH
+    assert results[disabled.pk].outcome == Outcome.DISABLED
+    assert results[locked.pk].outcome == Outcome.IN_FLIGHT
+    assert results[999_999].outcome == Outcome.MISSING
+    for provider in stored:
+        current = state(provider).current_version
+        assert store.get(provider.name).version == current
+        # history per provider: the newest TOKENS_HISTORY, the current one among them
+        versions = list(Token.objects.filter(provider=provider).values_list("version", flat=True))
+        assert len(versions) == 2 and max(versions) == current
+    assert SECRET not in state(failing).last_error and state(failing).consecutive_failures == 3
+    assert not redis_client.keys("tokens:lock:*")
+
+
+def test_sync_token_schedules__schedules_bulk_created_providers_spread_over_the_interval() -> None:
+    PeriodicTask.objects.filter(name=services.DISPATCH_SCHEDULE).delete()
+    legacy = services.interval_schedule(timedelta(seconds=10))
+    PeriodicTask.objects.create(
+        name="tokens.refresh:old", task="tokens.refresh_token", interval=legacy
+    )
+    providers = Provider.objects.bulk_create(  # no signals, no state, no schedule
+        [
+            Provider(name=f"bulk-{i}", kind="static", secret="x", refresh_interval=timedelta(60))
+            for i in range(100)
+        ]
+    )
+    before = timezone.now()
     out = StringIO()
     call_command("sync_token_schedules", stdout=out)
-    assert "created: api" in out.getvalue() and "removed: gone" in out.getvalue()
-    assert periodic("api").interval.every == 77
+    assert "100 created" in out.getvalue()
+    assert PeriodicTask.objects.filter(name=services.DISPATCH_SCHEDULE).exists()
+    assert not PeriodicTask.objects.filter(name__startswith="tokens.refresh:").exists()
+    offsets = sorted(
+        (next_run(p) - before).total_seconds() / timedelta(60).total_seconds() for p in providers
+    )
+    assert offsets[0] >= 0 and offsets[-1] < 1.01
+    # spread: every tenth of the interval holds some of them
+    assert {int(offset * 10) for offset in offsets} >= set(range(10))
     out = StringIO()
     call_command("sync_token_schedules", stdout=out)
-    assert "0 created, 0 updated, 0 removed, 1 unchanged" in out.getvalue()
+    assert "0 created, 0 updated, 100 unchanged" in out.getvalue()
 
 
 def test_refresh_token_command__prints_fingerprint_and_only_shows_the_token_when_asked() -> None:
@@ -329,15 +475,6 @@ def test_refresh_token_command__prints_fingerprint_and_only_shows_the_token_when
     assert "api-token-2" in out.getvalue()
     with pytest.raises(CommandError, match="no token provider named 'nope'"):
         call_command("refresh_token", "nope")
-
-
-def test_refresh__never_saves_its_own_periodic_task() -> None:
-    """Saving the PeriodicTask on every run would make beat reload its schedule every run."""
-    provider = counted_provider()
-    before = periodic("api").date_changed
-    for _ in range(3):
-        services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
-    assert periodic("api").date_changed == before
 
 
 def test_refresh__notices_when_the_issuer_returns_the_same_token(caplog) -> None:

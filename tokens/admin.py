@@ -10,7 +10,6 @@ from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
-from django_celery_beat.models import PeriodicTask
 
 from tokens import services, store
 from tokens.conf import tokens_settings
@@ -53,6 +52,7 @@ class ProviderStateInline(admin.StackedInline):
         "permanent_error",
         "next_attempt_at",
         "last_attempt_at",
+        "next_run_at",
     )
     can_delete = False
     verbose_name_plural = "status"
@@ -112,6 +112,7 @@ class ProviderAdmin(admin.ModelAdmin):
         "fingerprint",
         "expires_in",
         "last_refresh",
+        "next_refresh",
         "failures",
         "last_error",
     ]
@@ -120,11 +121,11 @@ class ProviderAdmin(admin.ModelAdmin):
     list_select_related = ["refresh_state"]
     actions = ["refresh_now", "enable", "disable"]
     inlines = [ProviderStateInline, TokenInline]
-    readonly_fields = ["status_badge", "schedule_link", "flower_link"]
+    readonly_fields = ["status_badge", "next_refresh", "schedule_link", "flower_link"]
     fieldsets = [
         ("Identity", {"fields": ["name", "kind", "enabled"]}),
         ("Generator", {"fields": ["config", "secret"]}),
-        ("Schedule", {"fields": ["refresh_interval", "schedule_link"]}),
+        ("Schedule", {"fields": ["refresh_interval", "next_refresh", "schedule_link"]}),
         ("Status", {"fields": ["status_badge", "flower_link"]}),
     ]
     change_form_template = "admin/tokens/provider/change_form.html"
@@ -152,10 +153,9 @@ class ProviderAdmin(admin.ModelAdmin):
     @admin.display(description="fingerprint")
     def fingerprint(self, obj: Provider) -> str:
         state = state_or_none(obj)
-        if state is None or state.last_refresh_at is None:
+        if state is None or state.last_refresh_at is None or not state.fingerprint:
             return "—"
-        token = obj.tokens.filter(version=state.current_version).only("fingerprint").first()
-        return token.fingerprint if token else "—"
+        return state.fingerprint
 
     @admin.display(description="expires in")
     def expires_in(self, obj: Provider) -> str:
@@ -185,13 +185,34 @@ class ProviderAdmin(admin.ModelAdmin):
         error = state.last_error if state else ""
         return error[:80] + ("…" if len(error) > 80 else "")
 
+    @admin.display(description="next scheduled refresh")
+    def next_refresh(self, obj: Provider) -> object:
+        state = state_or_none(obj)
+        if not obj.enabled or state is None or state.next_run_at is None:
+            return "—"
+        return state.next_run_at
+
     @admin.display(description="beat schedule")
     def schedule_link(self, obj: Provider) -> str:
-        task = PeriodicTask.objects.filter(name=services.schedule_name(obj.name)).first()
+        task = services.dispatcher_schedule()
         if task is None:
-            return "—"
+            return format_html(
+                '<strong class="errornote">Missing: run <code>{}</code>.</strong>',
+                "manage.py sync_token_schedules",
+            )
         url = reverse("admin:django_celery_beat_periodictask_change", args=[task.pk])
-        return format_html('<a href="{}">{}</a>', url, task.name)
+        note = (
+            format_html(" <strong>{}</strong>", "(disabled: no scheduled refreshes)")
+            if not task.enabled
+            else ""
+        )
+        return format_html(
+            '<a href="{}">{}</a>, every {} s, sends the providers that are due{}',
+            url,
+            task.name,
+            task.interval.every if task.interval else "?",
+            note,
+        )
 
     @admin.display(description="refreshes in Flower")
     def flower_link(self, obj: Provider) -> str:
@@ -200,8 +221,10 @@ class ProviderAdmin(admin.ModelAdmin):
             return "—"
         return format_html(
             '<a href="{}/tasks" target="_blank" rel="noopener">Flower</a> '
-            "(task <code>tokens.refresh_token</code>, args <code>({},)</code>)",
+            "(task <code>tokens.refresh_token</code>, args <code>({},)</code>; scheduled runs: "
+            "<code>tokens.refresh_batch</code> with {} among the ids)",
             base,
+            obj.pk,
             obj.pk,
         )
 

@@ -38,6 +38,14 @@ DEFAULTS: dict[str, Any] = {
     "MEMORY_MAX_AGE_DISCONNECTED": 1.0,
     # While waiting, re-read the stores this often in case a notification was lost; seconds.
     "WAIT_RECHECK": 0.5,
+    # Beat's dispatcher entry runs this often (seconds): a schedule edit takes effect within it.
+    "DISPATCH_EVERY": 1.0,
+    # Scheduled refreshes per task, and at most this many claimed per dispatch.
+    "DISPATCH_BATCH": 50,
+    "DISPATCH_LIMIT": 5000,
+    # A batch stops taking providers after this long (seconds) and hands the rest to a new
+    # task; with TOKENS_HTTP_TIMEOUT it must stay below CELERY_TASK_SOFT_TIME_LIMIT.
+    "BATCH_BUDGET": 15.0,
     # Extra generator kinds: {"kind": "dotted.path.to.GeneratorClass"}.
     "GENERATORS": {},
     # Who may read /tokens/health/ and /tokens/metrics: "open", "staff", or "key" (a request

@@ -29,11 +29,22 @@ REFRESH_FAILURES = Counter(
     "Failed refreshes, by error class.",
     ["provider", "error_class"],
 )
+# Histograms are labelled by generator kind, not provider: a bucket series per provider would
+# be tens of thousands of series at 10,000 providers.
 REFRESH_DURATION = Histogram(
     "tokens_refresh_duration_seconds",
-    "Time spent in the generator per refresh.",
-    ["provider"],
+    "Time spent in the generator per refresh, by generator kind.",
+    ["kind"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SCHEDULE_DISPATCHED = Counter(
+    "tokens_schedule_dispatched_total",
+    "Scheduled refreshes the dispatcher sent to the workers.",
+)
+SCHEDULE_LATENESS = Histogram(
+    "tokens_schedule_lateness_seconds",
+    "From a scheduled batch's oldest due time to a worker starting it.",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 3, 6, 10, 30, 60, 300),
 )
 WAITS = Counter(
     "tokens_get_token_waits_total",

@@ -152,9 +152,22 @@ class ProviderState(models.Model):
     last_attempt_at = models.DateTimeField(
         "last attempt", null=True, blank=True, help_text="When the generator was last called."
     )
+    fingerprint = models.CharField(
+        "fingerprint",
+        max_length=16,
+        blank=True,
+        help_text="Keyed hash of the current token (empty: none), to tell tokens apart.",
+    )
+    next_run_at = models.DateTimeField(
+        "next scheduled refresh",
+        null=True,
+        blank=True,
+        help_text="When the schedule refreshes next: one interval after the previous run.",
+    )
 
     class Meta:
         verbose_name = "refresh state"
+        indexes = [models.Index(fields=["next_run_at"], name="tokens_state_next_run_at")]
 
     def __str__(self) -> str:
         return "refresh state"

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import json
 import logging
 import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db import transaction
-from django.db.models import F
+from django.db import connections, router, transaction
+from django.db.models import (
+    Case,
+    DateTimeField,
+    ExpressionWrapper,
+    F,
+    OuterRef,
+    Subquery,
+    Value,
+    When,
+)
+from django.db.models.functions import Greatest
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
-from redis.exceptions import LockError
-from redis.lock import Lock
 
 from tokens import crypto, metrics, store
 from tokens.conf import tokens_settings
@@ -24,11 +31,15 @@ from tokens.exceptions import GeneratorError
 from tokens.generators import GeneratedToken, get_generator
 from tokens.models import Provider, ProviderState, Token
 from tokens.sanitize import scrub
+from tokens.status import state_or_none
 
 logger = logging.getLogger("tokens.refresh")
 
 REFRESH_TASK = "tokens.refresh_token"
-SCHEDULE_PREFIX = "tokens.refresh:"
+BATCH_TASK = "tokens.refresh_batch"
+DISPATCH_TASK = "tokens.dispatch_due"
+DISPATCH_SCHEDULE = "tokens.dispatch"  # beat's one entry (a PeriodicTask)
+LEGACY_SCHEDULE_PREFIX = "tokens.refresh:"  # per-provider entries of earlier versions
 
 
 class Reason(enum.StrEnum):
@@ -57,6 +68,9 @@ class RefreshResult:
     token: Token | None = None
     error: GeneratorError | None = None
     retry_in: float | None = None
+    # After a failure or during a backoff: when readers may ask again, or never (permanent).
+    retry_at: datetime | None = None
+    permanent: bool = False
 
 
 # ---------------------------------------------------------------------------- refresh
@@ -70,37 +84,123 @@ def token_refresh(*, provider_id: int, reason: Reason = Reason.SCHEDULE) -> Refr
     while a transient failure's backoff lasts, and after a permanent failure until the next
     scheduled run. Stores are fenced by version: a late, older refresh never wins.
     """
-    provider = Provider.objects.filter(pk=provider_id).first()
-    if provider is None:
-        return RefreshResult(Outcome.MISSING)
-    state = state_of(provider_id)
-    early = _skip_reason(provider, state, reason)
-    if early is not None:
-        _settle_pending(provider_id, early, state)
-        return RefreshResult(early)
-    lock: Lock | None = store.refresh_lock(provider_id)
+    return refresh_many([provider_id], reason=reason)[provider_id]
+
+
+def refresh_many(
+    provider_ids: list[int], *, reason: Reason, deadline: float | None = None
+) -> dict[int, RefreshResult]:
+    """``token_refresh`` for several providers, with the same guarantees, in few round trips.
+
+    Locks are taken first (one Redis pipeline) and the providers read once, under them. Versions
+    are handed out, tokens stored and caches written per group of STORE_GROUP providers, in one
+    statement or transaction each. A provider not yet begun when ``deadline`` (monotonic) has
+    passed is left out of the result: the caller hands it on.
+    """
+    results: dict[int, RefreshResult] = {}
     try:
-        acquired = bool(lock.acquire()) if lock is not None else False
+        held: dict[int, str] | None = store.acquire_locks(provider_ids)
     except store.StoreError:
         # Without Redis there is no lock; the version fence still keeps stores ordered.
-        logger.warning("tokens: Redis unavailable, refreshing %s without the lock", provider.name)
-        acquired, lock = True, None
-    if not acquired:
-        # Readers ask again when the lock expires, in case its holder died mid-refresh.
-        with contextlib.suppress(store.StoreError):
-            store.hold_pending_for_lock(provider_id)
-        return RefreshResult(Outcome.IN_FLIGHT)
+        logger.warning("tokens: Redis unavailable, refreshing without the lock")
+        held = None
+    locked = list(provider_ids) if held is None else [pid for pid in provider_ids if pid in held]
+    busy = [pid for pid in provider_ids if held is not None and pid not in held]
+    if busy:
+        _lock_taken(busy, reason)
+        results.update((pid, RefreshResult(Outcome.IN_FLIGHT)) for pid in busy)
     try:
-        provider.refresh_from_db()
-        state = state_of(provider_id)
-        early = _skip_reason(provider, state, reason)
-        result = RefreshResult(early) if early is not None else _refresh_locked(provider, state)
+        providers = load_for_refresh(locked)
+        due: list[Provider] = []
+        for pid in locked:
+            provider = providers.get(pid)
+            if provider is None:
+                results[pid] = RefreshResult(Outcome.MISSING)
+                continue
+            state = provider.refresh_state
+            early = _skip_reason(provider, state, reason)
+            if early is None:
+                due.append(provider)
+            else:
+                results[pid] = RefreshResult(
+                    early, retry_at=state.next_attempt_at, permanent=state.permanent_error
+                )
+        for start in range(0, len(due), STORE_GROUP):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            results.update(_refresh_group(due[start : start + STORE_GROUP], deadline))
     finally:
-        _release(lock, provider_id)
-    if result.outcome in (Outcome.FAILED, Outcome.BACKOFF):
-        state = state_of(provider_id)
-    _settle_pending(provider_id, result.outcome, state)
-    return result
+        if held:
+            _release_locks(held)
+    _settle_pending(results)
+    return results
+
+
+STORE_GROUP = 10
+
+
+def _lock_taken(provider_ids: list[int], reason: Reason) -> None:
+    # Readers ask again when the lock expires, in case its holder died mid-refresh.
+    with contextlib.suppress(store.StoreError):
+        store.hold_pending_for_locks(provider_ids)
+    if reason == Reason.MANUAL:
+        # The holder may be a refresh with an old config, or one that found the token fresh:
+        # hand a refresh asked for now to the schedule (the next dispatch) instead of dropping it.
+        ProviderState.objects.filter(provider_id__in=provider_ids).update(
+            next_run_at=timezone.now()
+        )
+
+
+def _refresh_group(providers: list[Provider], deadline: float | None) -> dict[int, RefreshResult]:
+    results: dict[int, RefreshResult] = {}
+    fences = _next_fences([p.pk for p in providers])
+    made: list[tuple[Provider, int, GeneratedToken, float, datetime]] = []
+    for provider in providers:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        fence = fences.get(provider.pk)
+        if fence is None:  # deleted since it was read
+            results[provider.pk] = RefreshResult(Outcome.MISSING)
+            continue
+        attempted = timezone.now()
+        started = time.monotonic()
+        try:
+            generated = _generate(provider)
+        except GeneratorError as error:
+            results[provider.pk] = _record_failure(
+                provider, fence, error, time.monotonic() - started, attempted
+            )
+            continue
+        made.append((provider, fence, generated, time.monotonic() - started, attempted))
+    stored = _store_many([(p, fence, g, attempted) for p, fence, g, _, attempted in made])
+    for (provider, fence, _, duration, _), token in zip(made, stored, strict=True):
+        results[provider.pk] = _report_stored(provider, fence, token, duration)
+    return results
+
+
+def _report_stored(
+    provider: Provider, fence: int, token: Token | None, duration: float
+) -> RefreshResult:
+    metrics.REFRESH_DURATION.labels(provider.kind).observe(duration)
+    metrics.REFRESHES.labels(provider.name, "stored" if token else "stale").inc()
+    if token is None:
+        logger.info(
+            "refresh discarded provider=%s version=%s outcome=stale duration_ms=%d",
+            provider.name,
+            fence,
+            duration * 1000,
+        )
+        return RefreshResult(Outcome.STALE)
+    logger.info(
+        "refresh stored provider=%s version=%s fingerprint=%s expires_at=%s duration_ms=%d "
+        "outcome=stored",
+        provider.name,
+        token.version,
+        token.fingerprint,
+        token.expires_at.isoformat() if token.expires_at else "never",
+        duration * 1000,
+    )
+    return RefreshResult(Outcome.STORED, token=token)
 
 
 def release_pending(*, provider_id: int) -> None:
@@ -112,6 +212,20 @@ def release_pending(*, provider_id: int) -> None:
 def state_of(provider_id: int) -> ProviderState:
     state, _ = ProviderState.objects.get_or_create(provider_id=provider_id)
     return state
+
+
+def load_for_refresh(provider_ids: list[int]) -> dict[int, Provider]:
+    """The providers with their refresh state, in one query."""
+    if not provider_ids:
+        return {}
+    providers = {
+        provider.pk: provider
+        for provider in Provider.objects.select_related("refresh_state").filter(pk__in=provider_ids)
+    }
+    for provider in providers.values():
+        if state_or_none(provider) is None:  # made by bulk_create
+            provider.refresh_state = state_of(provider.pk)
+    return providers
 
 
 def _skip_reason(provider: Provider, state: ProviderState, reason: Reason) -> Outcome | None:
@@ -135,70 +249,62 @@ def _skip_reason(provider: Provider, state: ProviderState, reason: Reason) -> Ou
     return None
 
 
-def _settle_pending(provider_id: int, outcome: Outcome, state: ProviderState) -> None:
+def _settle_pending(results: dict[int, RefreshResult]) -> None:
     """Let readers ask for a refresh again: at once, or after a failure once its backoff ends
-    (a permanent failure: not before the provider changes; the schedule still runs)."""
-    failed = outcome in (Outcome.BACKOFF, Outcome.FAILED)
-    with contextlib.suppress(store.StoreError):
-        if failed and state.permanent_error:
-            store.hold_pending(provider_id, tokens_settings.seconds("LOCK_TTL"))
-        elif failed and state.next_attempt_at is not None:
-            remaining = (state.next_attempt_at - timezone.now()).total_seconds()
-            store.hold_pending(provider_id, max(remaining, 0.05))
+    (a permanent failure: not before the provider changes; the schedule still runs). A provider
+    whose lock another refresh holds is left to that refresh."""
+    clear: list[int] = []
+    hold: dict[int, float] = {}
+    now = timezone.now()
+    for pid, result in results.items():
+        failed = result.outcome in (Outcome.BACKOFF, Outcome.FAILED)
+        if result.outcome == Outcome.IN_FLIGHT:
+            continue
+        if failed and result.permanent:
+            hold[pid] = tokens_settings.seconds("LOCK_TTL")
+        elif failed and result.retry_at is not None:
+            hold[pid] = max((result.retry_at - now).total_seconds(), 0.05)
         else:
-            store.clear_pending(provider_id)
+            clear.append(pid)
+    with contextlib.suppress(store.StoreError):
+        store.settle_pending(clear=clear, hold=hold)
 
 
-def _release(lock: Lock | None, provider_id: int) -> None:
+def _release_locks(held: dict[int, str]) -> None:
     try:
-        if lock is not None:
-            lock.release()
-    except LockError:
-        logger.warning("tokens: refresh lock of provider %s expired before release", provider_id)
+        for provider_id in store.release_locks(held):
+            logger.warning(
+                "tokens: refresh lock of provider %s expired before release", provider_id
+            )
     except store.StoreError:
         pass
 
 
-def _next_fence(provider_id: int, *, attempt: bool = False) -> int:
-    """Hand out the next version; the row lock of the UPDATE orders concurrent callers."""
-    states = ProviderState.objects.filter(provider_id=provider_id)
-    changes: dict[str, object] = {"fence": F("fence") + 1}
-    if attempt:
-        changes["last_attempt_at"] = timezone.now()
-    with transaction.atomic():
-        states.update(**changes)
-        return states.values_list("fence", flat=True).get()
-
-
-def _refresh_locked(provider: Provider, state: ProviderState) -> RefreshResult:
-    fence = _next_fence(provider.pk, attempt=True)
-    started = time.monotonic()
-    try:
-        generated = _generate(provider)
-    except GeneratorError as error:
-        return _record_failure(provider, state, fence, error, time.monotonic() - started)
-    token = _store(provider, fence, generated)
-    duration = time.monotonic() - started
-    metrics.REFRESH_DURATION.labels(provider.name).observe(duration)
-    metrics.REFRESHES.labels(provider.name, "stored" if token else "stale").inc()
-    if token is None:
-        logger.info(
-            "refresh discarded provider=%s version=%s outcome=stale duration_ms=%d",
-            provider.name,
-            fence,
-            duration * 1000,
-        )
-        return RefreshResult(Outcome.STALE)
-    logger.info(
-        "refresh stored provider=%s version=%s fingerprint=%s expires_at=%s duration_ms=%d "
-        "outcome=stored",
-        provider.name,
-        token.version,
-        token.fingerprint,
-        token.expires_at.isoformat() if token.expires_at else "never",
-        duration * 1000,
+def _next_fences(provider_ids: list[int]) -> dict[int, int]:
+    """Hand out the next version of each provider in one statement; the row locks order
+    concurrent callers. Providers without a state row (deleted) are left out."""
+    if not provider_ids:
+        return {}
+    connection = connections[router.db_for_write(ProviderState)]
+    quote = connection.ops.quote_name
+    marks = ", ".join(["%s"] * len(provider_ids))
+    # Identifiers are the model's own, quoted; values are parameters.
+    sql = (
+        f"UPDATE {quote(ProviderState._meta.db_table)} "  # noqa: S608
+        f"SET {quote('fence')} = {quote('fence')} + 1 "
+        f"WHERE {quote('provider_id')} IN ({marks}) "
+        f"RETURNING {quote('provider_id')}, {quote('fence')}"
     )
-    return RefreshResult(Outcome.STORED, token=token)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, list(provider_ids))
+        return {int(pid): int(fence) for pid, fence in cursor.fetchall()}
+
+
+def _next_fence(provider_id: int) -> int:
+    fence = _next_fences([provider_id]).get(provider_id)
+    if fence is None:
+        raise ProviderState.DoesNotExist(f"no refresh state for provider {provider_id}")
+    return fence
 
 
 def _generate(provider: Provider) -> GeneratedToken:
@@ -232,75 +338,112 @@ def refresh_deadline(issued_at: datetime, expires_at: datetime | None) -> dateti
     return expires_at - margin
 
 
-def _store(provider: Provider, fence: int, generated: GeneratedToken) -> Token | None:
-    """Persist the token if ``fence`` is newer than the current version; then cache + notify."""
+def _store(
+    provider: Provider, state: ProviderState, fence: int, generated: GeneratedToken
+) -> Token | None:
+    """Persist one token (see ``_store_many``)."""
+    provider.refresh_state = state
+    return _store_many([(provider, fence, generated, timezone.now())])[0]
+
+
+def _store_many(
+    items: list[tuple[Provider, int, GeneratedToken, datetime]],
+) -> list[Token | None]:
+    """Persist each token whose version is newer than its provider's current one, in one
+    transaction, then cache and notify (one Redis round trip). None where a newer one won."""
+    if not items:
+        return []
     now = timezone.now()
-    refresh_at = refresh_deadline(now, generated.expires_at)
+    results: list[Token | None] = []
+    won: list[tuple[Provider, Token]] = []
     with transaction.atomic():
-        won = ProviderState.objects.filter(
-            provider_id=provider.pk, current_version__lt=fence
-        ).update(
-            current_version=fence,
-            last_refresh_at=now,
-            expires_at=generated.expires_at,
-            consecutive_failures=0,
-            last_error="",
-            next_attempt_at=None,
-            permanent_error=False,
-        )
-        if not won:
-            return None
-        fingerprint = crypto.fingerprint(generated.access_token)
-        if Token.objects.filter(provider_id=provider.pk, fingerprint=fingerprint).exists():
-            # The issuer handed back a token we already had: refreshing earlier gains nothing.
-            logger.warning(
-                "refresh got the same token again provider=%s fingerprint=%s",
-                provider.name,
-                fingerprint,
+        for provider, fence, generated, attempted in items:
+            fingerprint = crypto.fingerprint(generated.access_token)
+            updated = ProviderState.objects.filter(
+                provider_id=provider.pk, current_version__lt=fence
+            ).update(
+                current_version=fence,
+                last_refresh_at=now,
+                last_attempt_at=attempted,
+                expires_at=generated.expires_at,
+                consecutive_failures=0,
+                last_error="",
+                next_attempt_at=None,
+                permanent_error=False,
+                fingerprint=fingerprint,
             )
-        token = Token.objects.create(
-            provider_id=provider.pk,
-            version=fence,
-            value=generated.access_token,
-            token_type=generated.token_type,
-            fingerprint=fingerprint,
-            issued_at=now,
-            expires_at=generated.expires_at,
-            refresh_at=refresh_at,
-        )
-        _prune_history(provider.pk)
-    cache_token(provider, token, publish=True)
-    return token
+            if not updated:
+                results.append(None)
+                continue
+            if fingerprint == provider.refresh_state.fingerprint:
+                # The issuer handed back the token we had: refreshing earlier gains nothing.
+                logger.warning(
+                    "refresh got the same token again provider=%s fingerprint=%s",
+                    provider.name,
+                    fingerprint,
+                )
+            token = Token(
+                provider_id=provider.pk,
+                version=fence,
+                value=generated.access_token,
+                token_type=generated.token_type,
+                fingerprint=fingerprint,
+                issued_at=now,
+                expires_at=generated.expires_at,
+                refresh_at=refresh_deadline(now, generated.expires_at),
+            )
+            won.append((provider, token))
+            results.append(token)
+        if won:
+            Token.objects.bulk_create([token for _, token in won])
+            _prune_history([provider.pk for provider, _ in won])
+    cache_tokens(won, publish=True)
+    return results
 
 
-def _prune_history(provider_id: int) -> None:
+def _prune_history(provider_ids: list[int]) -> None:
+    """Keep each provider's newest TOKENS_HISTORY tokens, in one statement."""
     keep = max(1, int(tokens_settings.HISTORY))
-    versions = list(
-        Token.objects.filter(provider_id=provider_id)
+    oldest_kept = (
+        Token.objects.filter(provider_id=OuterRef("provider_id"))
         .order_by("-version")
-        .values_list("version", flat=True)[keep : keep + 1]
+        .values("version")[keep : keep + 1]
     )
-    if versions:
-        Token.objects.filter(provider_id=provider_id, version__lte=versions[0]).delete()
+    Token.objects.filter(provider_id__in=provider_ids, version__lte=Subquery(oldest_kept)).delete()
 
 
 def cache_token(provider: Provider, token: Token, *, publish: bool) -> bool:
     """Put ``token`` in Redis (fenced by its version); False when not written or Redis is down."""
-    cached = store.CachedToken(
-        provider_id=provider.pk,
-        version=token.version,
-        value=token.value,
-        token_type=token.token_type,
-        expires_at=token.expires_at.timestamp() if token.expires_at else None,
-        refresh_at=token.refresh_at.timestamp() if token.refresh_at else None,
-    )
+    return cache_tokens([(provider, token)], publish=publish)[0]
+
+
+def cache_tokens(entries: list[tuple[Provider, Token]], *, publish: bool) -> list[bool]:
+    """``cache_token`` for several, in one round trip."""
+    if not entries:
+        return []
+    cached = [
+        (
+            provider.name,
+            store.CachedToken(
+                provider_id=provider.pk,
+                version=token.version,
+                value=token.value,
+                token_type=token.token_type,
+                expires_at=token.expires_at.timestamp() if token.expires_at else None,
+                refresh_at=token.refresh_at.timestamp() if token.refresh_at else None,
+            ),
+        )
+        for provider, token in entries
+    ]
     try:
-        return store.put(provider.name, cached, now=time.time(), publish=publish)
+        return store.put_many(cached, now=time.time(), publish=publish)
     except store.StoreError:
         logger.warning(
-            "tokens: Redis unavailable, token of %s stored in the database only", provider.name
+            "tokens: Redis unavailable, %s token(s) stored in the database only (%s)",
+            len(entries),
+            ", ".join(provider.name for provider, _ in entries[:5]),
         )
-        return False
+        return [False] * len(entries)
 
 
 def retry_delay(failures: int, retry_after: float | None = None) -> float:
@@ -314,10 +457,11 @@ def retry_delay(failures: int, retry_after: float | None = None) -> float:
 
 
 def _record_failure(
-    provider: Provider, state: ProviderState, fence: int, error: GeneratorError, duration: float
+    provider: Provider, fence: int, error: GeneratorError, duration: float, attempted: datetime
 ) -> RefreshResult:
     now = timezone.now()
-    metrics.REFRESH_DURATION.labels(provider.name).observe(duration)
+    state = provider.refresh_state
+    metrics.REFRESH_DURATION.labels(provider.kind).observe(duration)
     metrics.REFRESHES.labels(provider.name, "failed").inc()
     metrics.REFRESH_FAILURES.labels(provider.name, error.kind).inc()
     message = scrub(f"{error.kind}: {error}", [provider.secret, *_known_tokens(provider)])
@@ -334,6 +478,7 @@ def _record_failure(
         consecutive_failures=F("consecutive_failures") + 1,
         last_error=message,
         last_error_at=now,
+        last_attempt_at=attempted,
         next_attempt_at=next_attempt,
         permanent_error=not error.transient,
     )
@@ -348,7 +493,13 @@ def _record_failure(
         f"{retry_in:.1f}" if retry_in is not None else "none",
         message,
     )
-    return RefreshResult(Outcome.FAILED, error=error, retry_in=retry_in)
+    return RefreshResult(
+        Outcome.FAILED,
+        error=error,
+        retry_in=retry_in,
+        retry_at=next_attempt,
+        permanent=not error.transient,
+    )
 
 
 def _known_tokens(provider: Provider) -> list[str]:
@@ -375,6 +526,7 @@ def provider_invalidate(
             "current_version": fence,
             "expires_at": None,
             "last_refresh_at": None,
+            "fingerprint": "",
         }
         if reset_failures:
             changes.update(
@@ -425,10 +577,42 @@ def _message_ttl() -> float:
 
 
 # ---------------------------------------------------------------------------- schedule
+#
+# Beat runs one entry, DISPATCH_SCHEDULE, every TOKENS_DISPATCH_EVERY seconds. Its task claims
+# the providers whose ``next_run_at`` has come (moving each one interval on) and sends them to
+# the workers in batches. A PeriodicTask per provider would make beat reload and compare every
+# entry on each change and each send; this keeps beat's work constant however many providers
+# there are, and a provider's schedule is its own row (its interval, editable in admin).
 
 
-def schedule_name(provider_name: str) -> str:
-    return f"{SCHEDULE_PREFIX}{provider_name}"
+def dispatcher_schedule_ensure() -> bool:
+    """Create beat's dispatcher entry if it is missing (never re-enables a disabled one).
+
+    Also removes the per-provider entries ("tokens.refresh:<name>") earlier versions made.
+    Returns True when something changed.
+    """
+    every = interval_schedule(tokens_settings.timedelta("DISPATCH_EVERY"))
+    _, created = PeriodicTask.objects.get_or_create(
+        name=DISPATCH_SCHEDULE,
+        defaults={
+            "task": DISPATCH_TASK,
+            "interval": every,
+            "args": "[]",
+            "kwargs": "{}",
+            # A dispatch that waited this long is stale: the next one claims the same providers.
+            "expire_seconds": max(5, every.every * 5),
+            "description": "Sends the token refreshes that are due (managed by tokens).",
+        },
+    )
+    legacy = 0
+    for task in PeriodicTask.objects.filter(name__startswith=LEGACY_SCHEDULE_PREFIX):
+        task.delete()  # delete(), not a bulk delete: tells beat through PeriodicTasks.changed()
+        legacy += 1
+    return created or bool(legacy)
+
+
+def dispatcher_schedule() -> PeriodicTask | None:
+    return PeriodicTask.objects.filter(name=DISPATCH_SCHEDULE).first()
 
 
 def interval_schedule(every: timedelta) -> IntervalSchedule:
@@ -448,59 +632,145 @@ def interval_schedule(every: timedelta) -> IntervalSchedule:
     return schedule
 
 
-def schedule_sync(*, provider: Provider, previous_name: str | None = None) -> str:
-    """Make the provider's PeriodicTask match it; returns "created", "updated" or "unchanged".
+def _phase(provider_id: int) -> float:
+    """A fixed share of the interval, well spread over ids (golden ratio), in [0, 1)."""
+    return (provider_id * 0.6180339887498949) % 1.0
 
-    Saves only on a real change: each save makes beat reload its whole schedule.
+
+def schedule_sync(
+    *, provider: Provider, previous: Provider | None = None, created: bool = False
+) -> str:
+    """Keep the provider's next scheduled refresh in step with it.
+
+    New (or re-enabled): one interval from now (its first token is fetched at once, on
+    commit). Interval changed: as if the new interval had always applied, counted from the
+    previous run, and never in the past. No schedule yet (bulk_create, an upgrade): a fixed
+    phase of the interval, so that many such providers do not all fall due together.
+    Returns "created", "updated" or "unchanged".
     """
-    interval = interval_schedule(provider.refresh_interval)
-    seconds = interval.every
-    desired: dict[str, object] = {
-        "name": schedule_name(provider.name),
-        "task": REFRESH_TASK,
-        "interval": interval,
-        "args": json.dumps([provider.pk]),
-        "kwargs": "{}",
-        "enabled": provider.enabled,
-        "expire_seconds": seconds,  # a refresh message that waited a whole interval is dropped
-        "description": f"Refresh the token of provider {provider.name} (managed by tokens).",
-    }
-    names = {schedule_name(provider.name)}
-    if previous_name:
-        names.add(schedule_name(previous_name))
-    task = PeriodicTask.objects.filter(name__in=names).order_by("pk").first()
-    if task is None:
-        PeriodicTask.objects.create(**desired)
+    now = timezone.now()
+    interval = provider.refresh_interval
+    state = state_of(provider.pk)
+    states = ProviderState.objects.filter(provider_id=provider.pk)
+    if state.next_run_at is None:
+        first = now + (interval if created else interval * _phase(provider.pk))
+        states.update(next_run_at=first)
         return "created"
-    changed = [field for field, value in desired.items() if getattr(task, field) != value]
-    if not changed:
-        return "unchanged"
-    for field in changed:
-        setattr(task, field, desired[field])
-    task.save()
-    return "updated"
-
-
-def schedule_remove(*, provider_name: str) -> bool:
-    deleted = False
-    for task in PeriodicTask.objects.filter(name=schedule_name(provider_name)):
-        task.delete()  # delete() (not a bulk delete) tells beat through PeriodicTasks.changed()
-        deleted = True
-    return deleted
+    re_enabled = previous is not None and provider.enabled and not previous.enabled
+    if re_enabled:
+        states.update(next_run_at=now + interval)
+        return "updated"
+    if previous is not None and previous.refresh_interval != interval:
+        # One statement: a dispatch that moves next_run_at on meanwhile is not overwritten.
+        states.update(
+            next_run_at=Greatest(
+                ExpressionWrapper(
+                    F("next_run_at") - previous.refresh_interval + interval,
+                    output_field=DateTimeField(),
+                ),
+                Value(now, output_field=DateTimeField()),
+            )
+        )
+        return "updated"
+    return "unchanged"
 
 
 def schedules_sync_all() -> dict[str, list[str]]:
-    """Reconcile every provider with beat; remove schedules of providers that are gone."""
-    report: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": [], "removed": []}
-    names = set()
-    for provider in Provider.objects.all():
-        names.add(schedule_name(provider.name))
-        report[schedule_sync(provider=provider)].append(provider.name)
-    orphans = PeriodicTask.objects.filter(name__startswith=SCHEDULE_PREFIX).exclude(name__in=names)
-    for task in orphans:
-        report["removed"].append(task.name.removeprefix(SCHEDULE_PREFIX))
-        task.delete()
+    """Give every provider without a schedule one (spread over its interval), and make sure
+    beat's dispatcher entry exists. A few statements, however many providers."""
+    report: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": []}
+    stateless = Provider.objects.filter(refresh_state__isnull=True).values_list("pk", flat=True)
+    ProviderState.objects.bulk_create(
+        [ProviderState(provider_id=pk) for pk in stateless],
+        batch_size=500,
+        ignore_conflicts=True,
+    )
+    now = timezone.now()
+    unscheduled = list(
+        ProviderState.objects.filter(next_run_at__isnull=True).select_related("provider")
+    )
+    for state in unscheduled:
+        state.next_run_at = now + state.provider.refresh_interval * _phase(state.provider_id)
+    ProviderState.objects.bulk_update(unscheduled, ["next_run_at"], batch_size=500)
+    report["created"] = sorted(state.provider.name for state in unscheduled)
+    report["unchanged"] = sorted(
+        Provider.objects.exclude(pk__in=[s.provider_id for s in unscheduled]).values_list(
+            "name", flat=True
+        )
+    )
+    if dispatcher_schedule_ensure():
+        report["updated"].append(DISPATCH_SCHEDULE)
     return report
+
+
+def schedule_dispatch(*, now: datetime | None = None) -> list[list[int]]:
+    """Claim the enabled providers whose scheduled refresh is due and send them in batches.
+
+    Each claimed provider's ``next_run_at`` moves one interval on (a run missed by more than an
+    interval is dropped, not caught up). Two dispatchers never claim one provider: rows are
+    locked (PostgreSQL: SKIP LOCKED) or the transaction holds SQLite's write lock. Returns the
+    batches sent (ids), oldest due first.
+    """
+    now = now or timezone.now()
+    limit = int(tokens_settings.DISPATCH_LIMIT)
+    with transaction.atomic():
+        due = list(
+            ProviderState.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(next_run_at__lte=now, provider__enabled=True)
+            .order_by("next_run_at")
+            .values_list("provider_id", "next_run_at", "provider__refresh_interval")[:limit]
+        )
+        groups: dict[timedelta, list[tuple[int, datetime]]] = {}
+        for provider_id, due_at, interval in due:
+            assert due_at is not None  # filtered on next_run_at__lte
+            groups.setdefault(interval, []).append((provider_id, due_at))
+        batches: list[tuple[list[int], datetime, timedelta]] = []
+        size = max(1, int(tokens_settings.DISPATCH_BATCH))
+        for interval, members in groups.items():
+            ids = [provider_id for provider_id, _ in members]
+            for start in range(0, len(ids), 500):
+                ProviderState.objects.filter(provider_id__in=ids[start : start + 500]).update(
+                    next_run_at=Case(
+                        When(
+                            next_run_at__gt=now - interval,
+                            then=ExpressionWrapper(
+                                F("next_run_at") + interval, output_field=DateTimeField()
+                            ),
+                        ),
+                        default=Value(now + interval, output_field=DateTimeField()),
+                    )
+                )
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
+                batches.append(([pid for pid, _ in chunk], chunk[0][1], interval))
+        transaction.on_commit(lambda: _send_batches(batches))
+    metrics.SCHEDULE_DISPATCHED.inc(len(due))
+    return [ids for ids, _, _ in batches]
+
+
+def _send_batches(batches: list[tuple[list[int], datetime, timedelta]]) -> None:
+    from tokens.tasks import enqueue_batch
+
+    for ids, oldest_due, interval in batches:
+        # A batch that waited a whole interval is dropped: the next run is already claimed.
+        enqueue_batch(ids, due=oldest_due.timestamp(), expires=interval.total_seconds())
+
+
+def refresh_batch(*, provider_ids: list[int], deadline: float) -> list[int]:
+    """The scheduled refresh of each provider, until ``deadline`` (monotonic); returns the ids
+    not begun by then, for another task. A failing provider never stops the others."""
+    from tokens.tasks import enqueue
+
+    results = refresh_many(provider_ids, reason=Reason.SCHEDULE, deadline=deadline)
+    for provider_id, result in results.items():
+        if result.retry_in is not None:
+            enqueue(
+                provider_id,
+                Reason.RETRY,
+                countdown=result.retry_in,
+                expires=result.retry_in + 60,
+            )
+    return [provider_id for provider_id in provider_ids if provider_id not in results]
 
 
 # ---------------------------------------------------------------------------- keys

@@ -1,6 +1,6 @@
 """Keep beat's schedule, the cache and the other processes in step with Provider rows.
 
-However a provider changes (admin, ORM, fixtures, shell), its PeriodicTask follows; a new,
+However a provider changes (admin, ORM, fixtures, shell), its schedule follows; a new,
 re-enabled or re-configured provider is refreshed at once on commit and tokens minted for its old
 config are void; a disabled or deleted one is dropped from every process's memory.
 """
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models.signals import post_delete, post_save, pre_save
+from django.db.models.signals import post_delete, post_migrate, post_save, pre_save
 from django.dispatch import receiver
 
 from tokens import services
-from tokens.models import Provider, ProviderState
+from tokens.models import Provider
 
 # What a token depends on: changing any of these voids the tokens issued so far.
 TOKEN_INPUTS = ("kind", "config", "secret")
@@ -32,11 +32,8 @@ def follow_provider(
     sender: type[Provider], instance: Provider, created: bool, raw: bool, **kwargs: Any
 ) -> None:
     previous: Provider | None = getattr(instance, "_tokens_previous", None)
-    if created:
-        ProviderState.objects.get_or_create(provider=instance)
     instance._tokens_previous = None  # type: ignore[attr-defined]
-    previous_name = previous.name if previous is not None else None
-    services.schedule_sync(provider=instance, previous_name=previous_name)
+    services.schedule_sync(provider=instance, previous=previous, created=created)
     if previous is not None and previous.name != instance.name:
         services.provider_forget(name=previous.name)
     if previous is None:
@@ -54,5 +51,11 @@ def follow_provider(
 
 @receiver(post_delete, sender=Provider, dispatch_uid="tokens.provider.post_delete")
 def forget_provider(sender: type[Provider], instance: Provider, **kwargs: Any) -> None:
-    services.schedule_remove(provider_name=instance.name)
     services.provider_forget(name=instance.name)
+
+
+@receiver(post_migrate, dispatch_uid="tokens.post_migrate")
+def install_dispatcher(sender: Any, app_config: Any = None, **kwargs: Any) -> None:
+    """After migrate: beat's dispatcher entry exists (an operator may disable, not lose it)."""
+    if app_config is not None and app_config.label == "tokens":
+        services.dispatcher_schedule_ensure()

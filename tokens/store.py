@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 
 import redis
@@ -39,6 +40,12 @@ else
 end
 if ARGV[4] == '1' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 return 1
+"""
+
+# Delete a lock only if it still holds our token (redis-py's Lock does the same, one at a time).
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 StoreError = redis.RedisError
@@ -92,11 +99,31 @@ def put(name: str, token: CachedToken, *, now: float, publish: bool) -> bool:
 
     Returns whether it was written. Raises StoreError when Redis is unreachable.
     """
+    return put_many([(name, token)], now=now, publish=publish)[0]
+
+
+def put_many(entries: list[tuple[str, CachedToken]], *, now: float, publish: bool) -> list[bool]:
+    """``put`` for several providers in one round trip; whether each was written."""
+    script = client().register_script(_SET_IF_NEWER)
+    pipe = client().pipeline(transaction=False)
+    queued: list[bool] = []
+    for name, token in entries:
+        args = _put_args(name, token, now=now, publish=publish)
+        if args is not None:
+            script(keys=[_key("tok", name), _key("ver", name)], args=args, client=pipe)
+        queued.append(args is not None)
+    results = iter(pipe.execute() if any(queued) else [])
+    return [bool(next(results)) if was_queued else False for was_queued in queued]
+
+
+def _put_args(
+    name: str, token: CachedToken, *, now: float, publish: bool
+) -> list[str | int | float] | None:
     ttl_ms = 0
     if token.expires_at is not None:
         ttl_ms = int((token.expires_at - now) * 1000)
         if ttl_ms <= 0:
-            return False
+            return None
     payload = crypto.encrypt(
         json.dumps(
             {
@@ -110,7 +137,7 @@ def put(name: str, token: CachedToken, *, now: float, publish: bool) -> bool:
         )
     )
     message = json.dumps({"n": name, "v": token.version, "e": "stored"})
-    return _set_if_newer(name, token.version, payload, ttl_ms, publish, message)
+    return [token.version, payload, ttl_ms, "1" if publish else "0", channel(), message]
 
 
 def invalidate(name: str, version: int) -> bool:
@@ -146,6 +173,58 @@ def refresh_lock(provider_id: int) -> Lock:
     )
 
 
+def acquire_locks(provider_ids: list[int]) -> dict[int, str]:
+    """Take each provider's refresh lock that is free, in one round trip: {id: lock token}.
+
+    The same keys and values as ``refresh_lock`` (redis-py's Lock), so either sees the other.
+    """
+    ttl_ms = int(tokens_settings.seconds("LOCK_TTL") * 1000)
+    wanted = {pid: uuid.uuid4().hex for pid in provider_ids}
+    pipe = client().pipeline(transaction=False)
+    for pid, token in wanted.items():
+        pipe.set(_key("lock", pid), token, nx=True, px=ttl_ms)
+    taken = pipe.execute()
+    return {pid: token for (pid, token), ok in zip(wanted.items(), taken, strict=True) if ok}
+
+
+def release_locks(held: dict[int, str]) -> list[int]:
+    """Release locks taken by ``acquire_locks``; returns the ids whose lock had expired."""
+    if not held:
+        return []
+    script = client().register_script(_RELEASE)
+    pipe = client().pipeline(transaction=False)
+    for pid, token in held.items():
+        script(keys=[_key("lock", pid)], args=[token], client=pipe)
+    released = pipe.execute()
+    return [pid for pid, ok in zip(held, released, strict=True) if not ok]
+
+
+def settle_pending(*, clear: list[int], hold: dict[int, float]) -> None:
+    """Let readers ask for a refresh of ``clear`` again at once, and of ``hold`` (id: seconds)
+    only after that long; one round trip."""
+    pipe = client().pipeline(transaction=False)
+    if clear:
+        pipe.delete(*[_key("pending", pid) for pid in clear])
+    for pid, seconds in hold.items():
+        pipe.set(_key("pending", pid), "1", px=max(1, int(seconds * 1000)))
+    if clear or hold:
+        pipe.execute()
+
+
+def hold_pending_for_locks(provider_ids: list[int]) -> None:
+    """Keep readers from asking again while each refresh lock lives (at least briefly)."""
+    pipe = client().pipeline(transaction=False)
+    for pid in provider_ids:
+        pipe.pttl(_key("lock", pid))
+    remaining = pipe.execute()
+    settle_pending(
+        clear=[],
+        hold={
+            pid: max(int(ms), 50) / 1000 for pid, ms in zip(provider_ids, remaining, strict=True)
+        },
+    )
+
+
 def locks_held(provider_ids: list[int]) -> list[bool]:
     """Whether each provider's refresh lock is held (one round trip)."""
     values = client().mget([_key("lock", pid) for pid in provider_ids])
@@ -167,17 +246,6 @@ def mark_pending(provider_id: int) -> bool:
     """Claim the right to enqueue a refresh for readers; False if one was asked for already."""
     ttl_ms = int(tokens_settings.seconds("PENDING_TTL") * 1000)
     return bool(client().set(_key("pending", provider_id), "1", nx=True, px=ttl_ms))
-
-
-def hold_pending(provider_id: int, seconds: float) -> None:
-    """Keep readers from asking again for ``seconds`` (a failure's backoff)."""
-    client().set(_key("pending", provider_id), "1", px=max(1, int(seconds * 1000)))
-
-
-def hold_pending_for_lock(provider_id: int) -> None:
-    """Keep readers from asking again while the refresh lock lives (at least briefly)."""
-    remaining_ms = client().pttl(_key("lock", provider_id))
-    hold_pending(provider_id, max(int(remaining_ms), 50) / 1000)  # type: ignore[arg-type]
 
 
 def clear_pending(provider_id: int) -> None:

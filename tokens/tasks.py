@@ -1,15 +1,20 @@
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 
-from tokens import services
+from tokens import metrics, services
+from tokens.conf import tokens_settings
 from tokens.services import Reason
 
 # Why a refresh runs travels in a message header, so the task's arguments (what Flower and the
-# task events show) are only the provider's id. Beat's messages carry none: "schedule".
+# task events show) are only provider ids. Scheduled batches carry none: "schedule".
 REASON_HEADER = "tokens_reason"
+# When the oldest provider of a scheduled batch fell due (Unix time), for the lateness metric.
+DUE_HEADER = "tokens_due"
 
 
 @shared_task(name=services.REFRESH_TASK, ignore_result=True, bind=True)
@@ -27,6 +32,41 @@ def refresh_token(self: Task, provider_id: int) -> None:
         enqueue(provider_id, Reason.RETRY, countdown=result.retry_in, expires=result.retry_in + 60)
 
 
+@shared_task(name=services.DISPATCH_TASK, ignore_result=True)
+def dispatch_due() -> None:
+    """Beat's one entry: send the scheduled refreshes that are due, in batches."""
+    services.schedule_dispatch()
+
+
+@shared_task(name=services.BATCH_TASK, ignore_result=True, bind=True)
+def refresh_batch(self: Task, provider_ids: list[int]) -> None:
+    """The scheduled refresh of each provider in turn. What is left when the batch's time
+    budget runs out (slow endpoints) goes on in a new task, well inside the time limits."""
+    deadline = time.monotonic() + tokens_settings.seconds("BATCH_BUDGET")
+    header = self.request.get(DUE_HEADER)
+    due = float(header) if header is not None else None
+    if due is not None:
+        metrics.SCHEDULE_LATENESS.observe(max(0.0, time.time() - due))
+    left: list[int] = []
+    try:
+        left = services.refresh_batch(provider_ids=provider_ids, deadline=deadline)
+    except SoftTimeLimitExceeded:
+        left = list(provider_ids)  # those stored already are fresh now: they will be skipped
+        raise
+    except Exception:
+        for provider_id in provider_ids:
+            services.release_pending(provider_id=provider_id)
+        raise
+    finally:
+        if left:
+            enqueue_batch(left, due=due)
+
+
 def enqueue(provider_id: int, reason: Reason, **options: Any) -> None:
     """Send a refresh of ``provider_id`` for ``reason`` (options go to apply_async)."""
     refresh_token.apply_async(args=(provider_id,), headers={REASON_HEADER: str(reason)}, **options)
+
+
+def enqueue_batch(provider_ids: list[int], *, due: float | None, **options: Any) -> None:
+    headers = {DUE_HEADER: repr(float(due))} if due is not None else {}
+    refresh_batch.apply_async(args=(list(provider_ids),), headers=headers, **options)

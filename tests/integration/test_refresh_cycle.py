@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 
 import pytest
 import redis
@@ -101,7 +102,6 @@ def test_disabled_provider__stops_refreshing_and_raises(worker: Process, beat, e
     wait_for(lambda: endpoint.calls >= 2, 15, message="beat to refresh")
     provider.enabled = False
     provider.save()
-    assert not PeriodicTask.objects.get(name="tokens.refresh:api").enabled
     time.sleep(1.5)  # let an in-flight refresh finish
     calls = endpoint.calls
     time.sleep(3)  # three intervals
@@ -112,16 +112,52 @@ def test_disabled_provider__stops_refreshing_and_raises(worker: Process, beat, e
 
 def test_deleted_provider__loses_its_schedule(worker: Process, beat, endpoint) -> None:
     provider = make_provider(config=oauth2_config(endpoint.url), interval=1)
-    beat_process = beat()
+    beat()
     wait_for(lambda: endpoint.calls >= 2, 15, message="beat to refresh")
     provider.delete()
-    assert not PeriodicTask.objects.filter(name="tokens.refresh:api").exists()
     time.sleep(1.5)
     calls = endpoint.calls
-    log_size = len(beat_process.log())
     time.sleep(3)
     assert endpoint.calls == calls
-    assert "tokens.refresh:api" not in beat_process.log()[log_size:]
+
+
+def test_interval_edit__takes_effect_while_beat_runs(worker: Process, beat, endpoint) -> None:
+    """As an operator edits it in admin: longer, nothing; shorter, refreshes at that pace."""
+    provider = make_provider(config=oauth2_config(endpoint.url), interval=600)
+    beat()
+    wait_for(lambda: endpoint.calls == 1, 5, message="the first token")
+    time.sleep(2)
+    assert endpoint.calls == 1  # the next run is ten minutes away
+    provider.refresh_interval = timedelta(seconds=1)
+    provider.save()
+    wait_for(lambda: endpoint.calls >= 3, 15, message="refreshes at the new interval")
+    provider.refresh_interval = timedelta(seconds=600)
+    provider.save()
+    time.sleep(1.5)  # a batch already sent may still run
+    calls = endpoint.calls
+    time.sleep(3)
+    assert endpoint.calls == calls
+
+
+def test_beat__one_entry_schedules_many_providers_in_batches(
+    worker: Process, beat, settings
+) -> None:
+    """Thirty providers, one beat entry; every one is refreshed by the schedule again."""
+    providers = [
+        make_provider(
+            f"many-{i}", kind="callable", config={"path": "tests.callables.counted"}, interval=2
+        )
+        for i in range(30)
+    ]
+    assert PeriodicTask.objects.filter(task__startswith="tokens.").count() == 1
+    client = redis.Redis.from_url(settings.REDIS_URL)
+
+    def calls(provider: Provider) -> int:
+        return int(client.get(f"test:calls:{provider.name}") or 0)
+
+    wait_for(lambda: all(calls(p) == 1 for p in providers), 10, message="first tokens")
+    beat()
+    wait_for(lambda: all(calls(p) >= 3 for p in providers), 20, message="scheduled refreshes")
 
 
 CALLERS = """

@@ -6,16 +6,19 @@ from tokens import services
 
 
 class Command(BaseCommand):
-    help = "Reconcile every provider's beat schedule (PeriodicTask); idempotent."
+    help = (
+        "Give every provider a schedule (next_run_at) and make sure beat's dispatcher entry "
+        "exists; idempotent. Run it after bulk_create() or bulk .update()s, which skip signals."
+    )
 
     def handle(self, *args: Any, **options: Any) -> None:
         report = services.schedules_sync_all()
-        for action in ("created", "updated", "removed"):
+        for action in ("created", "updated"):
             for name in report[action]:
                 self.stdout.write(f"{action}: {name}")
         self.stdout.write(
             self.style.SUCCESS(
                 f"{len(report['created'])} created, {len(report['updated'])} updated, "
-                f"{len(report['removed'])} removed, {len(report['unchanged'])} unchanged"
+                f"{len(report['unchanged'])} unchanged"
             )
         )
