@@ -409,39 +409,53 @@ def process_memory(report: Report, quick: bool, worker: subprocess.Popen[bytes])
 
 
 def throughput(report: Report, quick: bool) -> None:
+    """Refreshes per second with an instant generator: one task per provider (how readers,
+    operators and retries ask), and the schedule's batches of TOKENS_DISPATCH_BATCH."""
     from django.db import connection
 
+    from tokens.conf import tokens_settings
     from tokens.models import Provider, ProviderState
     from tokens.services import Reason
-    from tokens.tasks import enqueue
+    from tokens.tasks import enqueue, enqueue_batch
 
     count = 300 if quick else 2000
-    providers = Provider.objects.bulk_create(
-        [
-            Provider(name=f"tp-{i}", kind="callable", config={"path": "bench.generators.instant"})
-            for i in range(count)
-        ]
-    )
-    ProviderState.objects.bulk_create([ProviderState(provider=p) for p in providers])
-    ids = [p.pk for p in providers]
-    started = time.perf_counter()
-    for pk in ids:
-        enqueue(pk, Reason.MANUAL)
-    deadline = time.monotonic() + 600
-    done = 0
-    while time.monotonic() < deadline:
-        done = ProviderState.objects.filter(provider_id__in=ids, current_version__gt=0).count()
-        if done == count:
-            break
-        time.sleep(0.2)
-    elapsed = time.perf_counter() - started
-    report.add(
-        f"7. refresh throughput, {connection.vendor}, worker prefork -c 2 ({count} refreshes)",
-        f"{done / elapsed:.0f} refreshes/s",
-        f"{done} of {count} done",
-        "—",
-        "report",
-    )
+    size = int(tokens_settings.DISPATCH_BATCH)
+    for label, prefix in (("one task per provider", "tp"), (f"batches of {size}", "tpb")):
+        providers = Provider.objects.bulk_create(
+            [
+                Provider(
+                    name=f"{prefix}-{i}",
+                    kind="callable",
+                    config={"path": "bench.generators.instant"},
+                )
+                for i in range(count)
+            ]
+        )
+        ProviderState.objects.bulk_create([ProviderState(provider=p) for p in providers])
+        ids = [p.pk for p in providers]
+        started = time.perf_counter()
+        if prefix == "tp":
+            for pk in ids:
+                enqueue(pk, Reason.MANUAL)
+        else:
+            for start in range(0, count, size):
+                enqueue_batch(ids[start : start + size], due=None)
+        deadline = time.monotonic() + 600
+        done = 0
+        while time.monotonic() < deadline:
+            done = ProviderState.objects.filter(provider_id__in=ids, current_version__gt=0).count()
+            if done == count:
+                break
+            time.sleep(0.2)
+        elapsed = time.perf_counter() - started
+        report.add(
+            f"7. refresh throughput, {connection.vendor}, worker prefork -c 2, {label} "
+            f"({count} refreshes)",
+            f"{done / elapsed:.0f} refreshes/s",
+            f"{done} of {count} done",
+            "—",
+            "report",
+        )
 
 
 # ---------------------------------------------------------------------------- main
@@ -450,6 +464,11 @@ def throughput(report: Report, quick: bool) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes")
+    parser.add_argument(
+        "--figures",
+        default="1,2,3,4,5,6,7",
+        help="comma-separated figure numbers to measure (default: all)",
+    )
     args = parser.parse_args()
     STATE.mkdir(exist_ok=True)
     from project.embedded_redis import EmbeddedRedis
@@ -480,16 +499,30 @@ def main() -> int:
         f"{os.cpu_count()} cores",
         flush=True,
     )
+    figures = {int(number) for number in args.figures.split(",")}
     worker = None
     try:
-        warm_read(report, args.quick)
-        freshness(report, args.quick)
-        memory_layer(report, args.quick)
-        worker = start_worker()
-        cold_first_token(report, args.quick)
-        cold_burst(report)
-        throughput(report, args.quick)
-        process_memory(report, args.quick, worker)
+        if 1 in figures:
+            warm_read(report, args.quick)
+        if 2 in figures:
+            freshness(report, args.quick)
+        if 6 in figures:
+            memory_layer(report, args.quick)
+        if figures & {3, 4, 5, 6, 7}:
+            worker = start_worker()
+        if 3 in figures:
+            cold_first_token(report, args.quick)
+        if 4 in figures:
+            cold_burst(report)
+        if 7 in figures:
+            throughput(report, args.quick)
+        if 6 in figures:
+            assert worker is not None
+            process_memory(report, args.quick, worker)
+        if 5 in figures:
+            from bench.scale import scale
+
+            scale(report, args.quick)
     finally:
         if worker is not None:
             worker.terminate()
