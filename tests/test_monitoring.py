@@ -62,6 +62,40 @@ def test_health__503_when_a_provider_has_no_valid_token(staff: Client, state: st
     assert by_name["b"]["status"] == state and not by_name["b"]["valid"]
 
 
+@pytest.mark.parametrize("problem", ["dispatcher disabled", "dispatcher missing", "overdue"])
+def test_health__503_when_the_schedule_does_not_run(staff: Client, problem: str) -> None:
+    """Tokens may still be valid, but nothing will refresh them on time: say so."""
+    from django_celery_beat.models import PeriodicTask
+
+    provider = ok_provider("a")
+    body = staff.get("/tokens/health/").json()
+    assert body["schedule"] == {
+        "dispatcher": "ok",
+        "overdue_providers": 0,
+        "oldest_overdue_since": None,
+    }
+    entry = PeriodicTask.objects.get(name="tokens.dispatch")
+    if problem == "dispatcher disabled":
+        entry.enabled = False
+        entry.save()
+    elif problem == "dispatcher missing":
+        entry.delete()
+    else:
+        ProviderState.objects.filter(provider=provider).update(
+            next_run_at=timezone.now() - timedelta(minutes=5)
+        )
+    response = staff.get("/tokens/health/")
+    assert response.status_code == 503
+    schedule = response.json()["schedule"]
+    if problem == "overdue":
+        assert schedule["overdue_providers"] == 1 and schedule["oldest_overdue_since"]
+    else:
+        assert schedule["dispatcher"] == problem.split()[1]
+    text = staff.get("/tokens/metrics").content.decode()
+    assert "tokens_schedule_overdue_providers" in text
+    assert "tokens_schedule_dispatcher_enabled" in text
+
+
 def test_health__shows_refreshing_while_the_lock_is_held(staff: Client) -> None:
     provider = ok_provider()
     lock = store.refresh_lock(provider.pk)

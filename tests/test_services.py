@@ -372,6 +372,41 @@ def test_dispatch__sends_batches_of_the_setting_grouped_by_interval(settings) ->
     )
 
 
+@pytest.mark.django_db(transaction=True)
+def test_dispatch__two_dispatchers_never_claim_one_provider(monkeypatch) -> None:
+    """Two beats (or a slow dispatch and the next) run at once: each provider is sent once."""
+    import threading
+
+    from django.db import connection
+
+    sent: list[tuple[list[int], object, object]] = []
+    monkeypatch.setattr(services, "_send_batches", sent.extend)  # no worker reads them here
+    providers = Provider.objects.bulk_create(
+        [Provider(name=f"p-{i}", kind="static", secret="x") for i in range(300)]
+    )
+    services.schedules_sync_all()
+    ProviderState.objects.update(next_run_at=timezone.now() - timedelta(seconds=1))
+    barrier = threading.Barrier(3)
+    claimed: list[list[list[int]]] = []
+
+    def dispatch() -> None:
+        barrier.wait()
+        try:
+            for _ in range(3):
+                claimed.append(services.schedule_dispatch())
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=dispatch) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    ids = [pid for batches in claimed for batch in batches for pid in batch]
+    assert sorted(ids) == sorted(p.pk for p in providers)  # all of them, none twice
+    assert sorted(pid for batch, _, _ in sent for pid in batch) == sorted(ids)
+
+
 def test_manual_refresh_that_finds_the_lock_held_is_handed_to_the_schedule(
     redis_client: redis.Redis,
 ) -> None:

@@ -17,7 +17,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 
 from tokens.models import Provider
-from tokens.status import has_valid_token, state_or_none
+from tokens.status import has_valid_token, schedule_report, state_or_none
 
 REFRESHES = Counter(
     "tokens_refreshes_total",
@@ -83,7 +83,18 @@ class ProviderCollector(Collector):
             failures.add_metric([provider.name], float(state.consecutive_failures if state else 0))
             if is_valid and state is not None and state.expires_at is not None:
                 expiry.add_metric([provider.name], (state.expires_at - now).total_seconds())
-        yield from (expiry, valid, failures)
+        schedule = schedule_report(now=now)
+        overdue = GaugeMetricFamily(
+            "tokens_schedule_overdue_providers",
+            "Enabled providers whose scheduled refresh is over a minute overdue (unclaimed).",
+            value=float(schedule["overdue_providers"]),  # type: ignore[arg-type]
+        )
+        dispatcher = GaugeMetricFamily(
+            "tokens_schedule_dispatcher_enabled",
+            "1 when beat's dispatcher entry (PeriodicTask tokens.dispatch) exists and is enabled.",
+            value=1.0 if schedule["dispatcher"] == "ok" else 0.0,
+        )
+        yield from (expiry, valid, failures, overdue, dispatcher)
 
 
 def exposition() -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.utils import timezone
 
@@ -92,3 +92,31 @@ def provider_report(*, now: datetime | None = None) -> list[dict[str, object]]:
             }
         )
     return report
+
+
+# A provider whose scheduled run is older than this was not claimed: beat or the workers are down.
+OVERDUE_AFTER = timedelta(seconds=60)
+
+
+def schedule_report(*, now: datetime | None = None) -> dict[str, object]:
+    """Whether the schedule runs: beat's dispatcher entry, and providers overdue by over a
+    minute (nothing claims them: beat, or every worker, is down)."""
+    from django_celery_beat.models import PeriodicTask
+
+    from tokens.services import DISPATCH_SCHEDULE
+
+    now = now or timezone.now()
+    entry = PeriodicTask.objects.filter(name=DISPATCH_SCHEDULE).first()
+    overdue = ProviderState.objects.filter(
+        provider__enabled=True, next_run_at__lt=now - OVERDUE_AFTER
+    )
+    oldest = overdue.order_by("next_run_at").values_list("next_run_at", flat=True).first()
+    return {
+        "dispatcher": "missing" if entry is None else "ok" if entry.enabled else "disabled",
+        "overdue_providers": overdue.count(),
+        "oldest_overdue_since": oldest.isoformat() if oldest else None,
+    }
+
+
+def schedule_is_healthy(report: dict[str, object]) -> bool:
+    return report["dispatcher"] == "ok" and report["overdue_providers"] == 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import redis
 from django_redis import get_redis_connection
+from redis.commands.core import Script
 from redis.lock import Lock
 
 from tokens import crypto
@@ -105,15 +106,29 @@ def put(name: str, token: CachedToken, *, now: float, publish: bool) -> bool:
 def put_many(entries: list[tuple[str, CachedToken]], *, now: float, publish: bool) -> list[bool]:
     """``put`` for several providers in one round trip; whether each was written."""
     script = client().register_script(_SET_IF_NEWER)
-    pipe = client().pipeline(transaction=False)
-    queued: list[bool] = []
-    for name, token in entries:
-        args = _put_args(name, token, now=now, publish=publish)
-        if args is not None:
-            script(keys=[_key("tok", name), _key("ver", name)], args=args, client=pipe)
-        queued.append(args is not None)
-    results = iter(pipe.execute() if any(queued) else [])
-    return [bool(next(results)) if was_queued else False for was_queued in queued]
+    calls = [
+        ([_key("tok", name), _key("ver", name)], _put_args(name, token, now=now, publish=publish))
+        for name, token in entries
+    ]
+    return [bool(result) for result in _run_script(script, calls)]
+
+
+def _run_script(
+    script: Script, calls: list[tuple[list[str], list[str | int | float] | None]]
+) -> list[object]:
+    """Run ``script`` once per (keys, args); None args are skipped (result None). One call goes
+    straight (EVALSHA); several share a pipeline (which checks the script is loaded first)."""
+    wanted = [(keys, args) for keys, args in calls if args is not None]
+    if len(wanted) == 1:
+        results = iter([script(keys=wanted[0][0], args=wanted[0][1])])
+    elif wanted:
+        pipe = client().pipeline(transaction=False)
+        for keys, args in wanted:
+            script(keys=keys, args=args, client=pipe)
+        results = iter(pipe.execute())
+    else:
+        results = iter([])
+    return [next(results) if args is not None else None for _, args in calls]
 
 
 def _put_args(
@@ -192,10 +207,7 @@ def release_locks(held: dict[int, str]) -> list[int]:
     if not held:
         return []
     script = client().register_script(_RELEASE)
-    pipe = client().pipeline(transaction=False)
-    for pid, token in held.items():
-        script(keys=[_key("lock", pid)], args=[token], client=pipe)
-    released = pipe.execute()
+    released = _run_script(script, [([_key("lock", pid)], [token]) for pid, token in held.items()])
     return [pid for pid, ok in zip(held, released, strict=True) if not ok]
 
 

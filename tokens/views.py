@@ -8,7 +8,7 @@ from django.views.decorators.http import require_GET
 
 from tokens import metrics
 from tokens.conf import tokens_settings
-from tokens.status import provider_report
+from tokens.status import provider_report, schedule_is_healthy, schedule_report
 
 
 def _allowed(request: HttpRequest) -> bool:
@@ -29,15 +29,18 @@ def _denied() -> JsonResponse:
 
 @require_GET
 def health(request: HttpRequest) -> HttpResponse:
-    """200 when every enabled provider has a valid token, 503 otherwise. Never shows a token,
-    a fingerprint or a secret."""
+    """200 when every enabled provider has a valid token and the schedule runs (beat's
+    dispatcher entry is there and enabled, no provider overdue), 503 otherwise. Never shows a
+    token, a fingerprint or a secret."""
     if not _allowed(request):
         return _denied()
     providers = provider_report()
-    healthy = all(p["valid"] for p in providers if p["enabled"])
+    schedule = schedule_report()
+    healthy = all(p["valid"] for p in providers if p["enabled"]) and schedule_is_healthy(schedule)
     body = {
         "status": "ok" if healthy else "unhealthy",
         "checked_at": timezone.now().isoformat(),
+        "schedule": schedule,
         "providers": providers,
     }
     return JsonResponse(body, status=200 if healthy else 503)
