@@ -20,6 +20,16 @@ from tokens.services import Outcome, Reason
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True)
+def sent_batches(monkeypatch) -> list[tuple[list[int], object, object]]:
+    """Batches the dispatcher sends, kept here: no worker runs in these tests, and messages left
+    in the broker would reach the next test's worker. Sending is tested end to end in
+    tests/integration/test_refresh_cycle.py."""
+    sent: list[tuple[list[int], object, object]] = []
+    monkeypatch.setattr(services, "_send_batches", sent.extend)
+    return sent
+
+
 def counted_provider(name: str = "api", **kwargs: object) -> Provider:
     return make_provider(
         name, kind="callable", config={"path": "tests.callables.counted"}, **kwargs
@@ -359,7 +369,7 @@ def test_dispatch__skips_disabled_providers_and_a_re_enabled_one_starts_over() -
     assert next_run(provider) >= before + timedelta(seconds=60)
 
 
-def test_dispatch__sends_batches_of_the_setting_grouped_by_interval(settings) -> None:
+def test_dispatch__sends_batches_of_the_setting_grouped_by_interval(settings, sent_batches) -> None:
     settings.TOKENS_DISPATCH_BATCH = 2
     now = timezone.now()
     fast = [counted_provider(f"fast-{i}", interval=10) for i in range(3)]
@@ -370,17 +380,20 @@ def test_dispatch__sends_batches_of_the_setting_grouped_by_interval(settings) ->
     assert sorted(map(sorted, batches)) == sorted(
         [sorted(p.pk for p in fast[:2]), [fast[2].pk], sorted(p.pk for p in slow)]
     )
+    # each batch expires after its providers' interval: by then their next run is claimed
+    fast_ids = {p.pk for p in fast}
+    for ids, _, interval in sent_batches:
+        assert interval == timedelta(seconds=10 if set(ids) <= fast_ids else 60)
+    assert sorted(map(sorted, (ids for ids, _, _ in sent_batches))) == sorted(map(sorted, batches))
 
 
 @pytest.mark.django_db(transaction=True)
-def test_dispatch__two_dispatchers_never_claim_one_provider(monkeypatch) -> None:
+def test_dispatch__two_dispatchers_never_claim_one_provider(sent_batches) -> None:
     """Two beats (or a slow dispatch and the next) run at once: each provider is sent once."""
     import threading
 
     from django.db import connection
 
-    sent: list[tuple[list[int], object, object]] = []
-    monkeypatch.setattr(services, "_send_batches", sent.extend)  # no worker reads them here
     providers = Provider.objects.bulk_create(
         [Provider(name=f"p-{i}", kind="static", secret="x") for i in range(300)]
     )
@@ -404,7 +417,7 @@ def test_dispatch__two_dispatchers_never_claim_one_provider(monkeypatch) -> None
         thread.join(30)
     ids = [pid for batches in claimed for batch in batches for pid in batch]
     assert sorted(ids) == sorted(p.pk for p in providers)  # all of them, none twice
-    assert sorted(pid for batch, _, _ in sent for pid in batch) == sorted(ids)
+    assert sorted(pid for batch, _, _ in sent_batches for pid in batch) == sorted(ids)
 
 
 def test_manual_refresh_that_finds_the_lock_held_is_handed_to_the_schedule(

@@ -717,7 +717,7 @@ def schedule_dispatch(*, now: datetime | None = None) -> list[list[int]]:
         due = list(
             ProviderState.objects.select_for_update(skip_locked=True, of=("self",))
             .filter(next_run_at__lte=now, provider__enabled=True)
-            .order_by("next_run_at")
+            .order_by("next_run_at", "provider_id")
             .values_list("provider_id", "next_run_at", "provider__refresh_interval")[:limit]
         )
         groups: dict[timedelta, list[tuple[int, datetime]]] = {}
@@ -743,7 +743,9 @@ def schedule_dispatch(*, now: datetime | None = None) -> list[list[int]]:
             for start in range(0, len(members), size):
                 chunk = members[start : start + size]
                 batches.append(([pid for pid, _ in chunk], chunk[0][1], interval))
-        transaction.on_commit(lambda: _send_batches(batches))
+        # Sent before the claim commits: a dispatch that cannot reach the broker claims nothing
+        # (and a claim that fails to commit after the send only repeats refreshes, which skip).
+        _send_batches(batches)
     metrics.SCHEDULE_DISPATCHED.inc(len(due))
     return [ids for ids, _, _ in batches]
 
