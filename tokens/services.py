@@ -45,7 +45,7 @@ LEGACY_SCHEDULE_PREFIX = "tokens.refresh:"  # per-provider entries of earlier ve
 class Reason(enum.StrEnum):
     """Why a refresh runs; it decides which skips apply."""
 
-    SCHEDULE = "schedule"  # beat's periodic run
+    SCHEDULE = "schedule"  # the schedule's run (a batch sent by the dispatcher)
     READER = "reader"  # get_token() found no valid token, or one near expiry
     RETRY = "retry"  # the backoff after a transient failure is over
     MANUAL = "manual"  # an operator, a new provider or a config change: skip nothing
@@ -639,14 +639,13 @@ def _phase(provider_id: int) -> float:
 
 def schedule_sync(
     *, provider: Provider, previous: Provider | None = None, created: bool = False
-) -> str:
+) -> None:
     """Keep the provider's next scheduled refresh in step with it.
 
     New (or re-enabled): one interval from now (its first token is fetched at once, on
     commit). Interval changed: as if the new interval had always applied, counted from the
     previous run, and never in the past. No schedule yet (bulk_create, an upgrade): a fixed
     phase of the interval, so that many such providers do not all fall due together.
-    Returns "created", "updated" or "unchanged".
     """
     now = timezone.now()
     interval = provider.refresh_interval
@@ -655,11 +654,11 @@ def schedule_sync(
     if state.next_run_at is None:
         first = now + (interval if created else interval * _phase(provider.pk))
         states.update(next_run_at=first)
-        return "created"
+        return
     re_enabled = previous is not None and provider.enabled and not previous.enabled
     if re_enabled:
         states.update(next_run_at=now + interval)
-        return "updated"
+        return
     if previous is not None and previous.refresh_interval != interval:
         # One statement: a dispatch that moves next_run_at on meanwhile is not overwritten.
         states.update(
@@ -671,8 +670,6 @@ def schedule_sync(
                 Value(now, output_field=DateTimeField()),
             )
         )
-        return "updated"
-    return "unchanged"
 
 
 def schedules_sync_all() -> dict[str, list[str]]:
