@@ -758,17 +758,12 @@ def _send_batches(batches: list[tuple[list[int], datetime, timedelta]]) -> None:
 def refresh_batch(*, provider_ids: list[int], deadline: float) -> list[int]:
     """The scheduled refresh of each provider, until ``deadline`` (monotonic); returns the ids
     not begun by then, for another task. A failing provider never stops the others."""
-    from tokens.tasks import enqueue
+    from tokens.tasks import enqueue_retry
 
     results = refresh_many(provider_ids, reason=Reason.SCHEDULE, deadline=deadline)
     for provider_id, result in results.items():
         if result.retry_in is not None:
-            enqueue(
-                provider_id,
-                Reason.RETRY,
-                countdown=result.retry_in,
-                expires=result.retry_in + 60,
-            )
+            enqueue_retry(provider_id, result.retry_in)
     return [provider_id for provider_id in provider_ids if provider_id not in results]
 
 

@@ -158,7 +158,9 @@ def _put_args(
 def invalidate(name: str, version: int) -> bool:
     """Drop the cached token of ``name`` and fence out writers older than ``version``; publish."""
     message = json.dumps({"n": name, "v": version, "e": "changed"})
-    return _set_if_newer(name, version, "", 0, True, message)
+    script = client().register_script(_SET_IF_NEWER)
+    args: list[str | int | float] = [version, "", 0, "1", channel(), message]
+    return bool(_run_script(script, [([_key("tok", name), _key("ver", name)], args)])[0])
 
 
 def forget(name: str) -> None:
@@ -166,17 +168,6 @@ def forget(name: str) -> None:
     c = client()
     c.delete(_key("tok", name), _key("ver", name))
     c.publish(channel(), json.dumps({"n": name, "v": 0, "e": "changed"}))
-
-
-def _set_if_newer(
-    name: str, version: int, payload: str, ttl_ms: int, publish: bool, message: str
-) -> bool:
-    script = client().register_script(_SET_IF_NEWER)
-    written = script(
-        keys=[_key("tok", name), _key("ver", name)],
-        args=[version, payload, ttl_ms, "1" if publish else "0", channel(), message],
-    )
-    return bool(written)
 
 
 def refresh_lock(provider_id: int) -> Lock:

@@ -29,7 +29,7 @@ def refresh_token(self: Task, provider_id: int) -> None:
         services.release_pending(provider_id=provider_id)
         raise
     if result.retry_in is not None:
-        enqueue(provider_id, Reason.RETRY, countdown=result.retry_in, expires=result.retry_in + 60)
+        enqueue_retry(provider_id, result.retry_in)
 
 
 @shared_task(name=services.DISPATCH_TASK, ignore_result=True)
@@ -65,6 +65,11 @@ def refresh_batch(self: Task, provider_ids: list[int]) -> None:
 def enqueue(provider_id: int, reason: Reason, **options: Any) -> None:
     """Send a refresh of ``provider_id`` for ``reason`` (options go to apply_async)."""
     refresh_token.apply_async(args=(provider_id,), headers={REASON_HEADER: str(reason)}, **options)
+
+
+def enqueue_retry(provider_id: int, retry_in: float) -> None:
+    """Try ``provider_id`` again once its backoff (``retry_in`` seconds) is over."""
+    enqueue(provider_id, Reason.RETRY, countdown=retry_in, expires=retry_in + 60)
 
 
 def enqueue_batch(provider_ids: list[int], *, due: float | None, **options: Any) -> None:
