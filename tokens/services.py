@@ -689,12 +689,10 @@ def schedules_sync_all() -> dict[str, list[str]]:
     for state in unscheduled:
         state.next_run_at = now + state.provider.refresh_interval * _phase(state.provider_id)
     ProviderState.objects.bulk_update(unscheduled, ["next_run_at"], batch_size=500)
-    report["created"] = sorted(state.provider.name for state in unscheduled)
-    report["unchanged"] = sorted(
-        Provider.objects.exclude(pk__in=[s.provider_id for s in unscheduled]).values_list(
-            "name", flat=True
-        )
-    )
+    created = {state.provider.name for state in unscheduled}
+    report["created"] = sorted(created)
+    # In Python, not exclude(pk__in=…): SQLite refuses a statement with over 32,766 parameters.
+    report["unchanged"] = sorted(set(Provider.objects.values_list("name", flat=True)) - created)
     if dispatcher_schedule_ensure():
         report["updated"].append(DISPATCH_SCHEDULE)
     return report
