@@ -13,17 +13,29 @@ DEFAULTS: dict[str, Any] = {
     # How long get_token() waits for a first token, in seconds.
     "WAIT_TIMEOUT": 10.0,
     "MIN_REFRESH_INTERVAL": timedelta(seconds=5),
+    # Longest refresh interval validation accepts.
+    "MAX_REFRESH_INTERVAL": timedelta(days=365),
     # Lifetime assumed when the issuer gives no expires_in and the token is no JWT with "exp".
     "DEFAULT_LIFETIME": timedelta(hours=1),
-    # Lifetimes above this are clamped (a huge expires_in is taken as this).
+    # Lifetimes above this are clamped (a huge expires_in is taken as this); below MIN_LIFETIME
+    # a token is refused (it would be gone before it could be used).
     "MAX_LIFETIME": timedelta(days=365),
+    "MIN_LIFETIME": timedelta(seconds=10),
     "HISTORY": 10,
-    # Timeout of each HTTP request to a token endpoint, in seconds.
+    # Deadline of a whole HTTP request to a token endpoint (connect, TLS, headers, body), in
+    # seconds; and the most bytes its answer may have, as sent and once decoded.
     "HTTP_TIMEOUT": 10.0,
+    "HTTP_MAX_BODY": 1024 * 1024,
     # TTL of the per-provider refresh lock; longer than the task's hard time limit.
     "LOCK_TTL": 90.0,
-    # A refresh asked for by get_token() is not asked again for this long, in seconds.
+    # A refresh asked for by get_token() is not asked again for this long, in seconds; and,
+    # once it is done, not before this cool-down (a token that is useless at once must not turn
+    # each read into an endpoint call).
     "PENDING_TTL": 30.0,
+    "READER_COOLDOWN": 1.0,
+    # invalidate_token() voids a provider's token at most once per this many seconds (an API
+    # that rejects every token must not turn each of its 401s into an endpoint call).
+    "INVALIDATE_COOLDOWN": 30.0,
     # Fraction of a token's lifetime before its expiry at which it is refreshed (plus jitter).
     "REFRESH_MARGIN": 0.1,
     # Backoff of failed refreshes: base * 2**(failures-1), jittered, capped; seconds.
@@ -46,8 +58,18 @@ DEFAULTS: dict[str, Any] = {
     # A batch stops taking providers after this long (seconds) and hands the rest to a new
     # task; with TOKENS_HTTP_TIMEOUT it must stay below CELERY_TASK_SOFT_TIME_LIMIT.
     "BATCH_BUDGET": 15.0,
+    # Scheduled refreshes of one batch run this many at a time (each within HTTP_TIMEOUT).
+    "REFRESH_CONCURRENCY": 8,
+    # Celery queues: "urgent" carries the dispatcher and the refreshes somebody waits for (a
+    # new or changed provider, a reader, an operator); "scheduled" carries batches and retries.
+    # None: Celery's default routing. Consume them with separate workers, so that slow
+    # endpoints in scheduled batches never hold up a first token.
+    "QUEUE_URGENT": None,
+    "QUEUE_SCHEDULED": None,
     # Extra generator kinds: {"kind": "dotted.path.to.GeneratorClass"}.
     "GENERATORS": {},
+    # Dotted paths of the functions the "callable" kind may run (nothing else can be chosen).
+    "CALLABLES": [],
     # Who may read /tokens/health/ and /tokens/metrics: "open", "staff", or "key" (a request
     # with "Authorization: Bearer <TOKENS_MONITORING_KEY>").
     "MONITORING_ACCESS": "staff",

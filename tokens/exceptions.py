@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+# Celery's time limits are Exceptions; they belong to the task that runs a refresh, never to a
+# generator: whoever catches generator errors lets these through.
+TIME_LIMITS = (SoftTimeLimitExceeded, TimeLimitExceeded)
+
 
 class TokenError(Exception):
     """Base of every error raised by tokens."""
+
+
+def shown(name: object, limit: int = 100) -> str:
+    """``name`` as an error message shows it: its repr, cut (a caller may pass a megabyte)."""
+    text = repr(name[: limit + 1] if isinstance(name, str) else name)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class UnknownProvider(TokenError, LookupError):
     """No provider has this name."""
 
     def __init__(self, name: str) -> None:
-        super().__init__(f"no token provider named {name!r}")
+        super().__init__(f"no token provider named {shown(name)}")
         self.name = name
 
 
@@ -19,7 +31,7 @@ class ProviderDisabled(TokenError):
     """The provider exists but is disabled."""
 
     def __init__(self, name: str) -> None:
-        super().__init__(f"token provider {name!r} is disabled")
+        super().__init__(f"token provider {shown(name)} is disabled")
         self.name = name
 
 
@@ -27,7 +39,7 @@ class TokenUnavailable(TokenError):
     """No valid token could be had before the deadline."""
 
     def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"no valid token for provider {name!r}: {reason}")
+        super().__init__(f"no valid token for provider {shown(name)}: {reason}")
         self.name = name
         self.reason = reason
 
@@ -37,12 +49,22 @@ class GeneratorError(TokenError):
 
     ``transient`` errors (timeouts, 5xx, 429, network) are retried with backoff; permanent ones
     (bad credentials, bad scope, other 4xx) wait for the next scheduled run or a config change.
+    The message is tokens' own words; ``detail`` holds the issuer's (an ``error_description``),
+    which may echo what was sent: the refresh scrubs both before they are stored or logged.
     """
 
-    def __init__(self, message: str, *, transient: bool, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        transient: bool,
+        retry_after: float | None = None,
+        detail: str = "",
+    ) -> None:
         super().__init__(message)
         self.transient = transient
         self.retry_after = retry_after
+        self.detail = detail
 
     @property
     def kind(self) -> str:
@@ -51,3 +73,7 @@ class GeneratorError(TokenError):
 
 class DecryptionError(TokenError):
     """Stored ciphertext does not open with any key in TOKENS_ENCRYPTION_KEYS."""
+
+
+class KeyRotationRefused(TokenError):
+    """rotate_token_keys found stored values that no key opens; it rewrote nothing."""

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,12 @@ if TYPE_CHECKING:
     from tokens.models import Provider
 
 MAX_TOKEN_LENGTH = 64 * 1024
+# A token goes into an Authorization header as it is: visible ASCII, no space, no CR/LF, no
+# control character. (RFC 6750's b64token is narrower still, but issuers such as Salesforce
+# ("!") and Facebook ("|") use RFC 6749's wider VSCHAR set; space is refused from it.)
+TOKEN_SYNTAX = re.compile(r"[\x21-\x7E]+")
+# RFC 9110 §11.1 auth-scheme: a token of tchars.
+TOKEN_TYPE_SYNTAX = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,40}")
 
 
 @dataclass(frozen=True)
@@ -72,12 +79,44 @@ class Generator:
     def generate(self, provider: Provider) -> GeneratedToken:
         raise NotImplementedError
 
+    def secret_destination(self, config: Mapping[str, Any]) -> object:
+        """Where the secret goes for this config; a stored secret is kept on an edit (left
+        blank) only while this stays the same. Subclasses that send it somewhere narrow it."""
+        return self.kind
+
+
+def check_generated(token: GeneratedToken) -> GeneratedToken:
+    """Refuse a token that could not go into an Authorization header as it is."""
+    value = token.access_token
+    if not isinstance(value, str) or not value:
+        raise GeneratorError("the generator gave no access token", transient=False)
+    if len(value) > MAX_TOKEN_LENGTH:
+        raise GeneratorError(
+            f"access_token is longer than {MAX_TOKEN_LENGTH} characters", transient=False
+        )
+    if not TOKEN_SYNTAX.fullmatch(value):
+        raise GeneratorError(
+            "access_token has characters a token may not have (only visible ASCII: no "
+            "spaces, line breaks or control characters)",
+            transient=False,
+        )
+    if not isinstance(token.token_type, str) or not TOKEN_TYPE_SYNTAX.fullmatch(token.token_type):
+        raise GeneratorError("token_type is not a valid authentication scheme", transient=False)
+    return token
+
 
 def clamp_lifetime(seconds: float) -> timedelta:
-    """A lifetime from the issuer, refused when not positive and clamped when huge."""
+    """A lifetime from the issuer: refused when not positive or below TOKENS_MIN_LIFETIME (a
+    token gone before it could be used would turn each read into a refresh), clamped when huge."""
     if not math.isfinite(seconds) or seconds <= 0:
         raise GeneratorError(
             f"token endpoint gave a non-positive or invalid expires_in ({seconds!r})",
+            transient=False,
+        )
+    shortest = tokens_settings.seconds("MIN_LIFETIME")
+    if seconds < shortest:
+        raise GeneratorError(
+            f"token lives {seconds:.3g}s, less than TOKENS_MIN_LIFETIME ({shortest:g}s)",
             transient=False,
         )
     longest = tokens_settings.timedelta("MAX_LIFETIME")
@@ -125,7 +164,7 @@ def token_from_mapping(data: Mapping[str, Any], *, now: datetime) -> GeneratedTo
             f"access_token is longer than {MAX_TOKEN_LENGTH} characters", transient=False
         )
     token_type = data.get("token_type") or "Bearer"
-    if not isinstance(token_type, str) or len(token_type) > 40 or not token_type.isprintable():
+    if not isinstance(token_type, str) or not TOKEN_TYPE_SYNTAX.fullmatch(token_type):
         raise GeneratorError("token response has an invalid token_type", transient=False)
     if token_type.lower() == "bearer":
         token_type = "Bearer"
@@ -147,4 +186,6 @@ def token_from_mapping(data: Mapping[str, Any], *, now: datetime) -> GeneratedTo
             expires_at = now + clamp_lifetime((expires_at - now).total_seconds())
         else:
             expires_at = now + tokens_settings.timedelta("DEFAULT_LIFETIME")
-    return GeneratedToken(access_token=access_token, token_type=token_type, expires_at=expires_at)
+    return check_generated(
+        GeneratedToken(access_token=access_token, token_type=token_type, expires_at=expires_at)
+    )

@@ -1,0 +1,275 @@
+"""HTTP to token endpoints, bounded: a token endpoint is an outside party.
+
+``post_form()`` is the only way tokens' generators talk HTTP (and the way a project's callable
+generator should). Whatever the server does, one call costs at most:
+
+- **TOKENS_HTTP_TIMEOUT seconds in all**: connect, TLS, headers and body together. A deadline,
+  not a per-read timeout (a server trickling a byte a second never hits a read timeout); it is
+  enforced by cancelling the whole exchange (an asyncio timeout around httpx).
+- **TOKENS_HTTP_MAX_BODY bytes**, as received and as decoded: the body is streamed, a gzip or
+  deflate body is inflated in bounded steps, any other content encoding is refused.
+- **one request**: redirects are never followed (a redirect is an answer, not a token).
+
+TLS certificates are always verified, against the system's trust store or, per provider, a CA
+bundle given as PEM text (``ca_certs``); nothing in config can turn verification off, change the
+method, or add request options: config supplies form fields and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+import threading
+import zlib
+from collections.abc import Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+
+from tokens.conf import tokens_settings
+from tokens.exceptions import GeneratorError
+
+USER_AGENT = "tokens (access-token manager; +https://github.com/)"
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """A token endpoint's answer: status, headers and the decoded body (at most the cap)."""
+
+    status: int
+    headers: httpx.Headers = field(repr=False)
+    body: bytes = field(repr=False)
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "unknown").split(";")[0].strip()[:60] or "unknown"
+
+
+class BodyTooLarge(GeneratorError):
+    """The answer was larger than TOKENS_HTTP_MAX_BODY (as sent, or once decoded)."""
+
+    def __init__(self, limit: int, *, decoded: bool) -> None:
+        what = "decodes to more" if decoded else "is larger"
+        super().__init__(
+            f"token endpoint's answer {what} than {limit} bytes (TOKENS_HTTP_MAX_BODY)",
+            transient=True,
+        )
+
+
+def post_form(
+    url: str,
+    *,
+    body: str,
+    headers: Mapping[str, str] | None = None,
+    ca_certs: str | None = None,
+) -> HttpResponse:
+    """POST an ``application/x-www-form-urlencoded`` body to ``url``, within the bounds above.
+
+    Raises GeneratorError (transient) when the endpoint cannot be reached, misses the deadline,
+    answers too much, or presents a certificate that does not verify.
+    """
+    timeout = tokens_settings.seconds("HTTP_TIMEOUT")
+    limit = int(tokens_settings.HTTP_MAX_BODY)
+    request_headers = {
+        "Accept": "application/json",
+        "Accept-Encoding": "identity",
+        "Content-Type": "application/x-www-form-urlencoded;charset=UTF-8",
+        "User-Agent": USER_AGENT,
+        **(headers or {}),
+    }
+    exchange = _post(url, body.encode(), request_headers, ssl_context(ca_certs), timeout, limit)
+    try:
+        return _run(exchange)
+    except TimeoutError:
+        raise GeneratorError(
+            f"token endpoint did not answer within {timeout:g}s (TOKENS_HTTP_TIMEOUT, "
+            "the whole request's deadline)",
+            transient=True,
+        ) from None
+    except httpx.ConnectError as error:
+        if isinstance(error.__context__, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(
+            error
+        ):
+            raise GeneratorError(
+                "token endpoint's TLS certificate does not verify (set config ca_certs to the "
+                "PEM of a private CA; verification is never switched off)",
+                transient=True,
+            ) from None
+        raise GeneratorError(
+            f"cannot reach the token endpoint ({type(error).__name__})", transient=True
+        ) from None
+    except httpx.InvalidURL:
+        raise GeneratorError("token_url is not a valid URL", transient=False) from None
+    except httpx.HTTPError as error:
+        raise GeneratorError(
+            f"cannot reach the token endpoint ({type(error).__name__})", transient=True
+        ) from None
+
+
+def _run(coroutine: Coroutine[object, object, HttpResponse]) -> HttpResponse:
+    """Run the exchange on an event loop of its own, in a helper thread if this thread runs one
+    already (generators are synchronous)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _run_here(coroutine)
+    outcome: list[HttpResponse] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            outcome.append(_run_here(coroutine))
+        except BaseException as error:  # handed back to the calling thread
+            failure.append(error)
+
+    thread = threading.Thread(target=target, name="tokens-http")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def _run_here(coroutine: Coroutine[object, object, HttpResponse]) -> HttpResponse:
+    # Not asyncio.run(): at the end it waits for the loop's executor, where a name lookup may
+    # still hang after the deadline. This loop leaves such a thread behind instead.
+    loop = asyncio.new_event_loop()
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokens-dns")
+    loop.set_default_executor(executor)
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+            loop.close()
+
+
+async def _post(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    context: ssl.SSLContext,
+    timeout: float,
+    limit: int,
+) -> HttpResponse:
+    async with asyncio.timeout(timeout):
+        async with (
+            httpx.AsyncClient(
+                verify=context, follow_redirects=False, timeout=httpx.Timeout(timeout)
+            ) as client,
+            client.stream("POST", url, content=body, headers=headers) as response,
+        ):
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise BodyTooLarge(limit, decoded=False)
+            decoder = _decoder(response.headers.get("Content-Encoding", ""), limit)
+            received = 0
+            async for chunk in response.aiter_raw():
+                received += len(chunk)
+                if received > limit:
+                    raise BodyTooLarge(limit, decoded=False)
+                decoder.feed(chunk)
+            return HttpResponse(response.status_code, response.headers, decoder.finish())
+
+
+class _Identity:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> None:
+        self.parts.append(chunk)
+
+    def finish(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class _Inflate(_Identity):
+    """gzip or deflate (zlib-wrapped or raw), inflated at most ``limit`` bytes at a time."""
+
+    def __init__(self, limit: int, wbits: int) -> None:
+        super().__init__(limit)
+        self.wbits = wbits
+        self.inflater: zlib._Decompress | None = None
+        self.size = 0
+        self.first = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self.inflater is None:
+            self.first += chunk
+            if len(self.first) < 2 and self.wbits != 47:
+                return
+            wbits = self.wbits
+            if wbits == 15 and (self.first[0] & 0x0F != 8 or int.from_bytes(self.first[:2]) % 31):
+                wbits = -15  # "deflate" sent raw, as some servers do
+            self.inflater = zlib.decompressobj(wbits)
+            chunk, self.first = self.first, b""
+        self._inflate(chunk)
+
+    def _inflate(self, data: bytes) -> None:
+        assert self.inflater is not None
+        while data:
+            try:
+                out = self.inflater.decompress(data, self.limit - self.size + 1)
+            except zlib.error:
+                raise GeneratorError(
+                    "token endpoint sent a body that does not decode", transient=True
+                ) from None
+            self._keep(out)
+            data = self.inflater.unconsumed_tail
+            if not data and self.inflater.eof and self.inflater.unused_data and self.wbits == 47:
+                # Another gzip member follows (RFC 1952 allows several).
+                data = self.inflater.unused_data
+                self.inflater = zlib.decompressobj(47)
+
+    def _keep(self, out: bytes) -> None:
+        self.size += len(out)
+        if self.size > self.limit:
+            raise BodyTooLarge(self.limit, decoded=True)
+        self.parts.append(out)
+
+    def finish(self) -> bytes:
+        if self.first:
+            self.inflater = zlib.decompressobj(self.wbits)
+            self._inflate(self.first)
+        if self.inflater is not None:
+            self._keep(self.inflater.flush())
+        return b"".join(self.parts)
+
+
+def _decoder(encoding: str, limit: int) -> _Identity:
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return _Identity(limit)
+    if len(codings) == 1 and codings[0] in {"gzip", "x-gzip"}:
+        return _Inflate(limit, 47)
+    if len(codings) == 1 and codings[0] == "deflate":
+        return _Inflate(limit, 15)
+    raise GeneratorError(
+        f"token endpoint sent an unsupported content encoding ({encoding[:40]!r})",
+        transient=True,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def ssl_context(ca_certs: str | None = None) -> ssl.SSLContext:
+    """The verifying TLS context: the default trust store, or only the CAs in ``ca_certs``."""
+    if ca_certs:
+        return ssl.create_default_context(cadata=ca_certs)
+    return httpx.create_ssl_context()
+
+
+def check_ca_certs(value: object) -> str | None:
+    """The problem with a ``ca_certs`` config value, or None when it holds PEM certificates."""
+    if not isinstance(value, str) or "-----BEGIN CERTIFICATE-----" not in value:
+        return "must be PEM text of one or more CA certificates (-----BEGIN CERTIFICATE-----)"
+    try:
+        ssl.create_default_context(cadata=value)
+    except (ssl.SSLError, ValueError):
+        return "does not hold a readable PEM certificate"
+    return None
