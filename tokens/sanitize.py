@@ -1,30 +1,131 @@
-"""Make text from the outside world safe to store and log."""
+"""Make text from the outside world safe to store and log.
+
+An issuer may echo what it was sent: the client secret as it is, URL-encoded (a form body),
+JSON- or HTML-escaped, inside base64 (a ``Basic`` header of ``client_id:secret``), or cut short
+by its own length limit. ``scrub`` removes every one of those forms, and any run of
+FRAGMENT or more characters of them, *before* the text is cut to length, so that no cut can
+leave a piece of a secret behind.
+"""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import html
+import json
 from collections.abc import Iterable
+from urllib.parse import quote, quote_plus
 
 MAX_ERROR_LENGTH = 300
-MAX_DETAIL_LENGTH = 120
+# A run of this many characters of a secret (in any of its forms) is redacted wherever it is.
+FRAGMENT = 8
+# Secrets shorter than this are matched only whole (shorter runs are too common to mean much).
+SHORTEST = 4
+# Text is scrubbed over at most this many characters (plus the longest form of a secret).
+WINDOW = 8 * 1024
+REDACTED = "[redacted]"
 
 
 def _printable(text: str) -> str:
-    return "".join(ch if ch.isprintable() else " " for ch in text)
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
 
 
-def describe_body(text: str) -> str:
-    """A short, printable excerpt of issuer-supplied text (an error_description)."""
-    text = " ".join(_printable(text).split())
-    if len(text) > MAX_DETAIL_LENGTH:
-        text = text[: MAX_DETAIL_LENGTH - 1] + "…"
+def _base64_cores(data: bytes) -> set[str]:
+    """The base64 characters that ``data`` alone decides, at each of the three alignments it
+    can have inside a longer encoded string, in both alphabets."""
+    cores: set[str] = set()
+    for offset in range(3):
+        encoded = base64.b64encode(bytes(offset) + data).decode()
+        start = -(-8 * offset // 6)  # the first character with no bit of the padding
+        end = 8 * (offset + len(data)) // 6  # past the last character made of data only
+        core = encoded[start:end]
+        cores.add(core)
+        cores.add(core.replace("+", "-").replace("/", "_"))
+    return cores
+
+
+def forms_of(secret: str) -> set[str]:
+    """Every form in which ``secret`` may come back: as is, URL-encoded (as needed, or every
+    byte), JSON- and HTML-escaped, and inside base64 (of itself and of those forms)."""
+    plain = {
+        secret,
+        quote(secret, safe=""),
+        quote_plus(secret, safe=""),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        html.escape(secret),
+        "".join(f"%{byte:02X}" for byte in secret.encode()),
+        "".join(f"%{byte:02x}" for byte in secret.encode()),
+    }
+    forms = set(plain)
+    for text in plain:
+        forms |= _base64_cores(text.encode("utf-8"))
+        with contextlib.suppress(UnicodeEncodeError):
+            forms |= _base64_cores(text.encode("latin-1"))
+    return {form for form in forms if len(form) >= SHORTEST}
+
+
+class Scrubber:
+    """Redacts every form of the given secrets, and every run of FRAGMENT characters of them."""
+
+    def __init__(self, secrets: Iterable[str | None]) -> None:
+        self.whole: set[str] = set()
+        self.grams: set[str] = set()
+        self.longest = 0
+        for secret in secrets:
+            if not secret or len(secret) < SHORTEST:
+                continue
+            for form in forms_of(secret) | forms_of(_printable(secret)):
+                self.longest = max(self.longest, len(form))
+                if len(form) < FRAGMENT:
+                    self.whole.add(form)
+                else:
+                    self.grams.update(
+                        form[i : i + FRAGMENT] for i in range(len(form) - FRAGMENT + 1)
+                    )
+
+    def __call__(self, text: str, *, truncated: bool = False) -> str:
+        """``text`` without any form or fragment of a secret (a redacted run becomes one mark).
+
+        ``truncated``: the text was cut from a longer one, so a secret may run past its end;
+        its last characters (as many as the longest form) are dropped unless redacted.
+        """
+        kept = len(text) - self.longest if truncated else len(text)
+        marked = bytearray(len(text))
+        for start in range(len(text) - FRAGMENT + 1):
+            if text[start : start + FRAGMENT] in self.grams:
+                marked[start : start + FRAGMENT] = b"\x01" * FRAGMENT
+        for form in self.whole:
+            start = text.find(form)
+            while start != -1:
+                marked[start : start + len(form)] = b"\x01" * len(form)
+                start = text.find(form, start + 1)
+        out: list[str] = []
+        position = 0
+        while position < max(kept, 0):
+            if marked[position]:
+                while position < len(text) and marked[position]:
+                    position += 1
+                out.append(REDACTED)
+            else:
+                out.append(text[position])
+                position += 1
+        return "".join(out)
+
+
+def scrub(text: str, secrets: Iterable[str | None], *, limit: int = MAX_ERROR_LENGTH) -> str:
+    """``text`` made printable on one line, with every form and fragment of ``secrets``
+    redacted, and only then cut to ``limit`` characters."""
+    scrubber = Scrubber(secrets)
+    window = WINDOW + scrubber.longest
+    truncated = len(text) > window
+    text = scrubber(_printable(text[:window]), truncated=truncated)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
     return text
 
 
-def scrub(text: str, secrets: Iterable[str | None]) -> str:
-    """Replace every known secret in ``text``, make it printable and cap its length."""
-    for secret in sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True):
-        text = text.replace(secret, "[redacted]")
-    text = " ".join(_printable(text).split())
-    if len(text) > MAX_ERROR_LENGTH:
-        text = text[: MAX_ERROR_LENGTH - 1] + "…"
-    return text
+def shorten(text: str, limit: int = 100) -> str:
+    """A caller-supplied value (a provider name) cut for an error message."""
+    shown = _printable(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
