@@ -64,6 +64,7 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
+LOGIN_URL = "admin:login"
 STATIC_ROOT = env.path("DJANGO_STATIC_ROOT", default=str(STATE_DIR / "static"))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -138,15 +139,29 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 TOKENS_ENCRYPTION_KEYS = env.list("TOKENS_ENCRYPTION_KEYS", default=[])
 TOKENS_WAIT_TIMEOUT = env.float("TOKENS_WAIT_TIMEOUT", default=10.0)
 TOKENS_MIN_REFRESH_INTERVAL = env.float("TOKENS_MIN_REFRESH_INTERVAL", default=5.0)
+TOKENS_MAX_REFRESH_INTERVAL = env.float("TOKENS_MAX_REFRESH_INTERVAL", default=365 * 86400.0)
 TOKENS_DEFAULT_LIFETIME = env.float("TOKENS_DEFAULT_LIFETIME", default=3600.0)
+TOKENS_MIN_LIFETIME = env.float("TOKENS_MIN_LIFETIME", default=10.0)
 TOKENS_HISTORY = env.int("TOKENS_HISTORY", default=10)
+# A token endpoint's whole request (connect, TLS, headers, body) and the size of its answer.
 TOKENS_HTTP_TIMEOUT = env.float("TOKENS_HTTP_TIMEOUT", default=10.0)
+TOKENS_HTTP_MAX_BODY = env.int("TOKENS_HTTP_MAX_BODY", default=1024 * 1024)
 # Longer than CELERY_TASK_TIME_LIMIT, well below the broker's visibility timeout.
 TOKENS_LOCK_TTL = env.float("TOKENS_LOCK_TTL", default=CELERY_TASK_TIME_LIMIT + 30)
 TOKENS_RETRY_MAX = env.float("TOKENS_RETRY_MAX", default=300.0)
-# Beat's one entry dispatches due refreshes this often, in batches of this many providers.
+TOKENS_READER_COOLDOWN = env.float("TOKENS_READER_COOLDOWN", default=1.0)
+TOKENS_INVALIDATE_COOLDOWN = env.float("TOKENS_INVALIDATE_COOLDOWN", default=30.0)
+# Beat's one entry dispatches due refreshes this often, in batches of this many providers, each
+# batch calling this many generators at a time.
 TOKENS_DISPATCH_EVERY = env.float("TOKENS_DISPATCH_EVERY", default=1.0)
 TOKENS_DISPATCH_BATCH = env.int("TOKENS_DISPATCH_BATCH", default=50)
+TOKENS_REFRESH_CONCURRENCY = env.int("TOKENS_REFRESH_CONCURRENCY", default=8)
+# Two lanes, each consumed by its own worker (Procfile, docker-compose.yml): the dispatcher and
+# the refreshes somebody waits for never queue behind scheduled batches of slow endpoints.
+TOKENS_QUEUE_URGENT = env.str("TOKENS_QUEUE_URGENT", default="tokens.urgent")
+TOKENS_QUEUE_SCHEDULED = env.str("TOKENS_QUEUE_SCHEDULED", default="tokens.scheduled")
+# The functions the "callable" kind may run (dotted paths); nothing else can be chosen in admin.
+TOKENS_CALLABLES = env.list("TOKENS_CALLABLES", default=[])
 # /tokens/health/ and /tokens/metrics: "open", "staff" or "key" (Authorization: Bearer <key>).
 TOKENS_MONITORING_ACCESS = env.str("TOKENS_MONITORING_ACCESS", default="staff")
 TOKENS_MONITORING_KEY = env.str("TOKENS_MONITORING_KEY", default="")
@@ -154,6 +169,8 @@ TOKENS_FLOWER_URL = env.str("TOKENS_FLOWER_URL", default="")
 
 # ---------------------------------------------------------------------------- examples
 
-# The example views (project/views.py) call this API with this provider's token.
+# The example views (project/views.py) call this API with this provider's token. They are
+# mounted when DJANGO_DEBUG is on or EXAMPLE_VIEWS asks for them, for logged-in users only.
+EXAMPLE_VIEWS = env.bool("EXAMPLE_VIEWS", default=False)
 EXAMPLE_API_URL = env.str("EXAMPLE_API_URL", default="https://api.example.com/v1/ping")
 EXAMPLE_TOKEN_PROVIDER = env.str("EXAMPLE_TOKEN_PROVIDER", default="example")

@@ -18,6 +18,23 @@ from project.embedded_redis import EmbeddedRedis
 
 _server: EmbeddedRedis | None = None
 
+# The functions of tests/callables.py that providers of the "callable" kind may run in tests
+# (TOKENS_CALLABLES; tests/test_fixtures.py checks this list against the module).
+TEST_CALLABLES = [
+    "tests.callables.plain_string",
+    "tests.callables.mapping",
+    "tests.callables.generated",
+    "tests.callables.generated_forever",
+    "tests.callables.explodes",
+    "tests.callables.returns_number",
+    "tests.callables.counted",
+    "tests.callables.short_lived",
+    "tests.callables.exits",
+    "tests.callables.sleeps",
+    "tests.callables.NOT_CALLABLE",
+    "tests.callables.missing",
+]
+
 
 def redis_url_with_db(url: str, db: int) -> str:
     parts = urlsplit(url)
@@ -40,11 +57,14 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
         os.environ["REDIS_URL"] = _server.start()
     url = os.environ["REDIS_URL"]
     os.environ.setdefault("CELERY_BROKER_URL", redis_url_with_db(url, redis_db(url) + 1))
-    os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-" + os.urandom(16).hex())
+    os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-" + os.urandom(32).hex())
     os.environ.setdefault("TOKENS_ENCRYPTION_KEYS", Fernet.generate_key().decode())
     # Integration tests use intervals of a second or two; the production minimum is 5 s.
     os.environ.setdefault("TOKENS_MIN_REFRESH_INTERVAL", "1")
     os.environ.setdefault("TOKENS_RETRY_MAX", "4")
+    # Test tokens live a few seconds; the production floor is 10 s.
+    os.environ.setdefault("TOKENS_MIN_LIFETIME", "1")
+    os.environ.setdefault("TOKENS_CALLABLES", ",".join(TEST_CALLABLES))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

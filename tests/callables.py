@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -51,3 +52,16 @@ def counted(provider: Any) -> dict[str, Any]:
 def short_lived(provider: Any) -> dict[str, Any]:
     """A token that lives three seconds."""
     return {"access_token": f"{provider.name}-short", "expires_in": 3}
+
+
+def exits(provider: Any) -> str:
+    """A generator that ends the process it runs in, if it is let."""
+    sys.exit(3)
+
+
+def sleeps(provider: Any) -> str:
+    """Sleeps for test:sleep:<name> seconds (default 60), counting its calls in Redis."""
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    client.incr(f"test:calls:{provider.name}")
+    time.sleep(float(client.get(f"test:sleep:{provider.name}") or 60))
+    return f"{provider.name}-slept"

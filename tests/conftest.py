@@ -10,7 +10,7 @@ from django.conf import settings
 from hypothesis import settings as hypothesis_settings
 from pytest_httpserver import HTTPServer
 
-from tests.processes import Process, start_beat, start_worker
+from tests.processes import Process, purge_queues, start_beat, start_worker
 
 
 @pytest.fixture(scope="session")
@@ -49,9 +49,8 @@ def worker(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> I
     Tests that use it must also use ``transactional_db`` so the worker sees their rows. Tests
     of other modules run with no worker consuming their messages.
     """
-    from project.celery import app
 
-    app.control.purge()
+    purge_queues()
     worker = start_worker(tmp_path_factory.mktemp("worker"))
     yield worker
     worker.stop()

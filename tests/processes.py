@@ -20,6 +20,19 @@ from django.db import connection
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# Every queue the project's tasks go to: Celery's default and tokens' two lanes.
+ALL_QUEUES = "celery,tokens.urgent,tokens.scheduled"
+
+
+def purge_queues(queues: str = ALL_QUEUES) -> None:
+    """Drop every message waiting in ``queues`` (left over by earlier tests)."""
+    from project.celery import app
+
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue in queues.split(","):
+            with contextlib.suppress(Exception):
+                channel.queue_purge(queue)
 
 
 def child_database_url() -> str:
@@ -116,7 +129,7 @@ def start_worker(
     tmp_path: Path,
     *,
     hostname: str = "w1",
-    queues: str = "celery",
+    queues: str = ALL_QUEUES,
     concurrency: int = 4,
     pool: str = "threads",
     loglevel: str = "INFO",

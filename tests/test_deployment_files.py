@@ -30,8 +30,8 @@ def settings_env_vars() -> set[str]:
 
 
 def test_compose__has_the_whole_stack() -> None:
-    assert {"postgres", "redis", "web", "worker", "beat", "flower"} <= set(SERVICES)
-    for name in ("web", "worker", "beat", "flower", "migrate"):
+    assert {"postgres", "redis", "web", "worker", "urgent", "beat", "flower"} <= set(SERVICES)
+    for name in ("web", "worker", "urgent", "beat", "flower", "migrate"):
         assert SERVICES[name]["image"] == "tokens:latest", name
         assert SERVICES[name]["build"] == ".", name
 
@@ -45,21 +45,30 @@ def test_compose__runs_exactly_one_beat() -> None:
 
 def test_compose__commands_match_the_procfile() -> None:
     processes = procfile()
-    assert set(processes) == {"web", "worker", "beat", "flower"}
-    for name in ("worker", "beat", "flower"):
+    assert set(processes) == {"web", "worker", "urgent", "beat", "flower"}
+    for name, program in (("worker", "worker"), ("urgent", "worker"), ("beat", "beat")):
         assert (
             SERVICES[name]["command"][:4]
             == processes[name][:4]
-            == ["celery", "-A", "project", name]
+            == ["celery", "-A", "project", program]
         )
+    assert (
+        SERVICES["flower"]["command"][:3]
+        == processes["flower"][:3]
+        == [
+            "python",
+            "-m",
+            "project.flower",
+        ]
+    )
     assert "project.wsgi:application" in SERVICES["web"]["command"]
     assert processes["web"][:3] == ["python", "manage.py", "runserver"]
 
 
 def test_compose__health_checks_and_start_order() -> None:
-    for name in ("postgres", "redis", "web", "worker", "flower"):
+    for name in ("postgres", "redis", "web", "worker", "urgent", "flower"):
         assert "healthcheck" in SERVICES[name], name
-    for name in ("web", "worker", "beat"):
+    for name in ("web", "worker", "urgent", "beat"):
         depends = SERVICES[name]["depends_on"]
         assert depends["redis"]["condition"] == "service_healthy"
         assert depends["migrate"]["condition"] == "service_completed_successfully"
@@ -99,3 +108,21 @@ def test_env_example_and_readme_list_every_setting() -> None:
     for name in sorted(variables):
         assert re.search(rf"^{name}=", example, re.M), f"{name} missing from .env.example"
         assert f"`{name}`" in readme, f"{name} missing from the README table"
+
+
+def option(argv: list[str], name: str) -> str:
+    return next(arg.split("=", 1)[1] for arg in argv if arg.startswith(f"--{name}="))
+
+
+def test_lanes__each_queue_has_its_own_worker_in_the_procfile_and_compose() -> None:
+    """The scheduled lane (slow endpoints queue up there) and the urgent lane (dispatcher, first
+    tokens, readers) are consumed by different workers, as settings route them."""
+    from django.conf import settings
+
+    processes = procfile()
+    compose = {name: svc.get("command", []) for name, svc in SERVICES.items()}
+    for source in (processes, compose):
+        assert option(source["worker"], "queues").split(",") == [settings.TOKENS_QUEUE_SCHEDULED]
+        urgent = option(source["urgent"], "queues").split(",")
+        assert settings.TOKENS_QUEUE_URGENT in urgent
+        assert settings.TOKENS_QUEUE_SCHEDULED not in urgent

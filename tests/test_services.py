@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from io import StringIO
 
@@ -534,14 +535,17 @@ def test_refresh__notices_when_the_issuer_returns_the_same_token(caplog) -> None
 
 
 def test_refresh__readers_do_not_ask_again_during_the_backoff(
-    httpserver: HTTPServer, redis_client: redis.Redis
+    httpserver: HTTPServer, redis_client: redis.Redis, settings
 ) -> None:
     httpserver.expect_request("/token").respond_with_data("down", status=503)
     provider = make_provider(config=oauth2_config(httpserver.url_for("/token")))
     services.token_refresh(provider_id=provider.pk)
     remaining = (state(provider).next_attempt_at - timezone.now()).total_seconds()
     ttl = redis_client.pttl(f"tokens:pending:{provider.pk}") / 1000
-    assert 0 < ttl <= remaining + 0.1
+    # Held through the backoff and the retry's own run (it goes on the scheduled queue), so
+    # readers of a failing provider add no endpoint calls of their own.
+    retry_window = settings.TOKENS_HTTP_TIMEOUT + 1
+    assert remaining < ttl <= remaining + retry_window + 0.1
     assert not store.mark_pending(provider.pk)  # a reader's request is absorbed
 
 
@@ -566,3 +570,66 @@ def test_another_cache_alias_keeps_tokens_out_of_the_default_cache(
         assert store.get("api").value == "api-token-1"
     finally:
         other.flushdb()
+
+
+def test_batch__slow_endpoints_cost_one_deadline_together_not_one_each(
+    settings, httpserver: HTTPServer
+) -> None:
+    """A scheduled batch calls its generators TOKENS_REFRESH_CONCURRENCY at a time, each within
+    its own deadline: four hanging endpoints cost the batch one deadline, and the healthy
+    provider among them is stored."""
+    from tests.hostile import HostileEndpoint, trickle
+
+    settings.TOKENS_HTTP_TIMEOUT = 1.0
+    hanging = [HostileEndpoint(trickle(0.2, total=10)) for _ in range(4)]
+    try:
+        slow = [
+            make_provider(f"slow-{i}", config=oauth2_config(e.url)) for i, e in enumerate(hanging)
+        ]
+        httpserver.expect_request("/token").respond_with_json(
+            {"access_token": "healthy-1", "expires_in": 300}
+        )
+        healthy = make_provider("healthy", config=oauth2_config(httpserver.url_for("/token")))
+        ids = [p.pk for p in slow] + [healthy.pk]
+        started = time.monotonic()
+        left = services.refresh_batch(provider_ids=ids, deadline=time.monotonic() + 15)
+        took = time.monotonic() - started
+    finally:
+        for endpoint in hanging:
+            endpoint.close()
+    assert left == []
+    assert 1.0 <= took < 1.9, took  # one deadline, not four
+    assert Token.objects.get(provider=healthy).value == "healthy-1"
+    for provider in slow:
+        assert "did not answer within 1s" in state(provider).last_error
+
+
+def test_batch__a_callable_that_hangs_is_given_up_and_keeps_its_lock(
+    settings, redis_client: redis.Redis
+) -> None:
+    """A call still running HTTP_TIMEOUT after the batch's budget is reported failed, and its
+    provider's lock is kept until it expires, so no second call can overlap the first."""
+    settings.TOKENS_HTTP_TIMEOUT = 0.5
+    redis_client.set("test:sleep:stuck", "3")
+    stuck = make_provider("stuck", kind="callable", config={"path": "tests.callables.sleeps"})
+    fine = make_provider("fine", kind="callable", config={"path": "tests.callables.mapping"})
+    started = time.monotonic()
+    left = services.refresh_batch(provider_ids=[stuck.pk, fine.pk], deadline=time.monotonic() + 0.3)
+    took = time.monotonic() - started
+    assert left == [] and took < 1.5, took
+    assert Token.objects.filter(provider=fine).exists()
+    assert "did not return within" in state(stuck).last_error
+    assert redis_client.exists(f"tokens:lock:{stuck.pk}")  # held until its TTL
+    assert not redis_client.exists(f"tokens:lock:{fine.pk}")
+
+
+def test_refresh__readers_ask_again_only_after_the_cooldown(
+    settings, redis_client: redis.Redis
+) -> None:
+    settings.TOKENS_READER_COOLDOWN = 1.0
+    provider = make_provider("api", kind="callable", config={"path": "tests.callables.mapping"})
+    assert services.token_refresh(provider_id=provider.pk).outcome == Outcome.STORED
+    assert 0 < redis_client.pttl(f"tokens:pending:{provider.pk}") <= 1000
+    assert not store.mark_pending(provider.pk)  # a reader's request within the cooldown
+    time.sleep(1.05)
+    assert store.mark_pending(provider.pk)

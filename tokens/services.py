@@ -6,10 +6,16 @@ import contextlib
 import enum
 import logging
 import random
+import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from billiard.common import (  # type: ignore[attr-defined]
+    terminate_handler_fired as billiard_terminating,
+)
 from django.db import connections, router, transaction
 from django.db.models import (
     Case,
@@ -18,17 +24,19 @@ from django.db.models import (
     F,
     OuterRef,
     Subquery,
+    TextField,
     Value,
     When,
 )
-from django.db.models.functions import Greatest
+from django.db.models.functions import Cast, Greatest
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from tokens import crypto, metrics, store
 from tokens.conf import tokens_settings
-from tokens.exceptions import GeneratorError
+from tokens.exceptions import TIME_LIMITS, GeneratorError, KeyRotationRefused
 from tokens.generators import GeneratedToken, get_generator
+from tokens.generators.base import check_generated
 from tokens.models import Provider, ProviderState, Token
 from tokens.sanitize import scrub
 from tokens.status import state_or_none
@@ -66,7 +74,7 @@ class Outcome(enum.StrEnum):
 class RefreshResult:
     outcome: Outcome
     token: Token | None = None
-    error: GeneratorError | None = None
+    error: str | None = None  # after a failure: the sanitized message (as stored)
     retry_in: float | None = None
     # After a failure or during a backoff: when readers may ask again, or never (permanent).
     retry_at: datetime | None = None
@@ -92,10 +100,11 @@ def refresh_many(
 ) -> dict[int, RefreshResult]:
     """``token_refresh`` for several providers, with the same guarantees, in few round trips.
 
-    Locks are taken first (one Redis pipeline) and the providers read once, under them. Versions
-    are handed out, tokens stored and caches written per group of STORE_GROUP providers, in one
-    statement or transaction each. A provider not yet begun when ``deadline`` (monotonic) has
-    passed is left out of the result: the caller hands it on.
+    Locks are taken first (one Redis pipeline) and the providers read once, under them; their
+    versions are handed out in one statement. The generators then run TOKENS_REFRESH_CONCURRENCY
+    at a time (each HTTP call within its own deadline), so one slow endpoint costs the others
+    nothing; tokens are stored and cached per group of STORE_GROUP. A provider not yet begun
+    when ``deadline`` (monotonic) has passed is left out of the result: the caller hands it on.
     """
     results: dict[int, RefreshResult] = {}
     try:
@@ -125,10 +134,12 @@ def refresh_many(
                 results[pid] = RefreshResult(
                     early, retry_at=state.next_attempt_at, permanent=state.permanent_error
                 )
-        for start in range(0, len(due), STORE_GROUP):
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            results.update(_refresh_group(due[start : start + STORE_GROUP], deadline))
+        if due and (deadline is None or time.monotonic() < deadline):
+            try:
+                results.update(_refresh_due(due, deadline, held))
+            except TIME_LIMITS:
+                _settle_pending(results)
+                raise
     finally:
         if held:
             _release_locks(held)
@@ -151,31 +162,154 @@ def _lock_taken(provider_ids: list[int], reason: Reason) -> None:
         )
 
 
-def _refresh_group(providers: list[Provider], deadline: float | None) -> dict[int, RefreshResult]:
+@dataclass
+class _Attempt:
+    """One generator call: its provider, version, when it began, and what came of it."""
+
+    provider: Provider
+    fence: int
+    attempted: datetime
+    started: float
+    generated: GeneratedToken | None = None
+    error: GeneratorError | None = None
+    finished: float | None = None
+
+    @property
+    def duration(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+
+def _refresh_due(
+    providers: list[Provider], deadline: float | None, held: dict[int, str] | None
+) -> dict[int, RefreshResult]:
     results: dict[int, RefreshResult] = {}
     fences = _next_fences([p.pk for p in providers])
-    made: list[tuple[Provider, int, GeneratedToken, float, datetime]] = []
-    for provider in providers:
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-        fence = fences.get(provider.pk)
-        if fence is None:  # deleted since it was read
-            results[provider.pk] = RefreshResult(Outcome.MISSING)
-            continue
-        attempted = timezone.now()
-        started = time.monotonic()
-        try:
-            generated = _generate(provider)
-        except GeneratorError as error:
-            results[provider.pk] = _record_failure(
-                provider, fence, error, time.monotonic() - started, attempted
+    gone = [p for p in providers if p.pk not in fences]  # deleted since they were read
+    results.update((p.pk, RefreshResult(Outcome.MISSING)) for p in gone)
+    attempts = _run_generators([p for p in providers if p.pk in fences], fences, deadline, held)
+    failed = [a for a in attempts if a.generated is None]
+    for attempt in failed:
+        assert attempt.error is not None
+        results[attempt.provider.pk] = _record_failure(
+            attempt.provider, attempt.fence, attempt.error, attempt.duration, attempt.attempted
+        )
+    made = [a for a in attempts if a.generated is not None]
+    for start in range(0, len(made), STORE_GROUP):
+        group = made[start : start + STORE_GROUP]
+        stored = _store_many(
+            [(a.provider, a.fence, a.generated, a.attempted) for a in group]  # type: ignore[misc]
+        )
+        for attempt, token in zip(group, stored, strict=True):
+            results[attempt.provider.pk] = _report_stored(
+                attempt.provider, attempt.fence, token, attempt.duration
             )
-            continue
-        made.append((provider, fence, generated, time.monotonic() - started, attempted))
-    stored = _store_many([(p, fence, g, attempted) for p, fence, g, _, attempted in made])
-    for (provider, fence, _, duration, _), token in zip(made, stored, strict=True):
-        results[provider.pk] = _report_stored(provider, fence, token, duration)
     return results
+
+
+def _run_generators(
+    providers: list[Provider],
+    fences: dict[int, int],
+    deadline: float | None,
+    held: dict[int, str] | None,
+) -> list[_Attempt]:
+    """Call each provider's generator: one here, in this thread (a time limit interrupts it);
+    several on a pool of TOKENS_REFRESH_CONCURRENCY threads. Those not begun by ``deadline``
+    are left out. A call still running HTTP_TIMEOUT after the deadline (a callable that hangs)
+    is given up as failed, and its provider's lock is kept until it expires, so no second call
+    can overlap it."""
+    if len(providers) == 1:
+        attempt = _Attempt(providers[0], fences[providers[0].pk], timezone.now(), time.monotonic())
+        try:
+            _attempt(attempt)
+        except TIME_LIMITS:
+            # The call was interrupted (the limit was raised inside it): its lock may go.
+            _stopped_by_time_limit([attempt], None)
+            raise
+        return [attempt]
+    workers = max(1, min(len(providers), int(tokens_settings.REFRESH_CONCURRENCY)))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokens-refresh")
+    started: list[_Attempt] = []
+    begun = threading.Lock()
+
+    def job(provider: Provider) -> _Attempt | None:
+        with begun:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None  # not begun: the caller hands it on
+            attempt = _Attempt(provider, fences[provider.pk], timezone.now(), time.monotonic())
+            started.append(attempt)
+        try:
+            return _attempt(attempt)
+        finally:
+            connections.close_all()  # a callable may have opened one in this thread
+
+    futures = [pool.submit(job, provider) for provider in providers]
+    grace = deadline + tokens_settings.seconds("HTTP_TIMEOUT") if deadline is not None else None
+    try:
+        wait(futures, timeout=None if grace is None else max(0.0, grace - time.monotonic()))
+    except TIME_LIMITS:
+        pool.shutdown(wait=False, cancel_futures=True)
+        with begun:
+            running = [a for a in started if a.finished is None]
+        _stopped_by_time_limit(running, held)
+        raise
+    pool.shutdown(wait=False, cancel_futures=True)
+    with begun:
+        attempts = list(started)
+    for attempt in attempts:
+        if attempt.finished is None:
+            _give_up(
+                attempt,
+                GeneratorError(
+                    f"generator {attempt.provider.kind} did not return within "
+                    f"{attempt.duration:.0f}s; given up",
+                    transient=True,
+                    retry_after=attempt.duration,
+                ),
+                held,
+            )
+    return attempts
+
+
+def _attempt(attempt: _Attempt) -> _Attempt:
+    try:
+        attempt.generated = _generate(attempt.provider)
+    except GeneratorError as error:
+        attempt.error = error
+    finally:
+        attempt.finished = time.monotonic()
+    return attempt
+
+
+def _give_up(attempt: _Attempt, error: GeneratorError, held: dict[int, str] | None) -> None:
+    """A generator call still running: report it failed, keep its lock (it expires by TTL)."""
+    attempt.error = error
+    attempt.generated = None
+    attempt.finished = attempt.finished or time.monotonic()
+    if held is not None:
+        held.pop(attempt.provider.pk, None)
+
+
+def _stopped_by_time_limit(attempts: list[_Attempt], held: dict[int, str] | None) -> None:
+    """The task's time limit stopped these calls: not the generators' failure, and not to be
+    retried at once. Each is recorded as a transient failure that waits at least as long as it
+    ran, and readers are held off as long; its lock is kept (it expires by its TTL)."""
+    results = {}
+    for attempt in attempts:
+        _give_up(
+            attempt,
+            GeneratorError(
+                f"refresh stopped by the task's time limit after {attempt.duration:.0f}s "
+                "(CELERY_TASK_SOFT_TIME_LIMIT)",
+                transient=True,
+                retry_after=attempt.duration,
+            ),
+            held,
+        )
+        assert attempt.error is not None
+        results[attempt.provider.pk] = _record_failure(
+            attempt.provider, attempt.fence, attempt.error, attempt.duration, attempt.attempted
+        )
+    _settle_pending(results)
 
 
 def _report_stored(
@@ -250,12 +384,18 @@ def _skip_reason(provider: Provider, state: ProviderState, reason: Reason) -> Ou
 
 
 def _settle_pending(results: dict[int, RefreshResult]) -> None:
-    """Let readers ask for a refresh again: at once, or after a failure once its backoff ends
-    (a permanent failure: not before the provider changes; the schedule still runs). A provider
-    whose lock another refresh holds is left to that refresh."""
+    """When readers may ask for a refresh again (the "pending" claim's new lifetime).
+
+    After a token was stored (or found fresh): after TOKENS_READER_COOLDOWN, so a token that is
+    useless at once cannot turn each read into an endpoint call. After a transient failure: once
+    its retry (sent on the scheduled queue) has had the time to run, so readers of a failing
+    provider add no calls of their own. After a permanent failure: not before the lock TTL (the
+    schedule still runs). A provider whose lock another refresh holds is left to that refresh.
+    """
     clear: list[int] = []
     hold: dict[int, float] = {}
     now = timezone.now()
+    cooldown = tokens_settings.seconds("READER_COOLDOWN")
     for pid, result in results.items():
         failed = result.outcome in (Outcome.BACKOFF, Outcome.FAILED)
         if result.outcome == Outcome.IN_FLIGHT:
@@ -263,7 +403,10 @@ def _settle_pending(results: dict[int, RefreshResult]) -> None:
         if failed and result.permanent:
             hold[pid] = tokens_settings.seconds("LOCK_TTL")
         elif failed and result.retry_at is not None:
-            hold[pid] = max((result.retry_at - now).total_seconds(), 0.05)
+            until_retry = (result.retry_at - now).total_seconds()
+            hold[pid] = max(until_retry, 0.0) + tokens_settings.seconds("HTTP_TIMEOUT") + 1.0
+        elif result.outcome in (Outcome.STORED, Outcome.FRESH) and cooldown > 0:
+            hold[pid] = cooldown
         else:
             clear.append(pid)
     with contextlib.suppress(store.StoreError):
@@ -308,6 +451,12 @@ def _next_fence(provider_id: int) -> int:
 
 
 def _generate(provider: Provider) -> GeneratedToken:
+    """The provider's generator's token, checked; GeneratorError for anything else.
+
+    Whatever a generator raises ends here as a GeneratorError, BaseException included (a
+    ``sys.exit`` in a callable must not take a worker down), except Celery's time limits, which
+    belong to the task. Messages are scrubbed later, with the provider's secret and tokens.
+    """
     try:
         generator = get_generator(provider.kind)
     except LookupError:
@@ -317,16 +466,31 @@ def _generate(provider: Provider) -> GeneratedToken:
         problems = "; ".join(message for messages in errors.values() for message in messages)
         raise GeneratorError(f"invalid provider config: {problems}", transient=False)
     try:
-        return generator.generate(provider)
-    except GeneratorError as error:  # issuer text may echo what we sent: scrub it
-        message = scrub(str(error), [provider.secret])
-        raise GeneratorError(
-            message, transient=error.transient, retry_after=error.retry_after
-        ) from None
-    except Exception as error:  # a generator bug must not leak its text or kill the worker
+        return check_generated(generator.generate(provider))
+    except (GeneratorError, *TIME_LIMITS):
+        raise
+    except Exception as error:  # a generator bug must not leak its text
         raise GeneratorError(
             f"generator {provider.kind} raised {type(error).__name__}", transient=True
         ) from None
+    except BaseException as error:  # SystemExit, KeyboardInterrupt: never the worker's end
+        if _process_is_stopping(error):
+            raise
+        raise GeneratorError(
+            f"generator {provider.kind} raised {type(error).__name__}", transient=False
+        ) from None
+
+
+def _process_is_stopping(error: BaseException) -> bool:
+    """Whether ``error`` is this process being stopped (not the generator's doing): a worker's
+    shutdown signal (billiard's handler raised it), or Ctrl-C where Ctrl-C reaches Python."""
+    if billiard_terminating():
+        return True
+    return (
+        isinstance(error, KeyboardInterrupt)
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # pool processes ignore it
+    )
 
 
 def refresh_deadline(issued_at: datetime, expires_at: datetime | None) -> datetime | None:
@@ -464,7 +628,10 @@ def _record_failure(
     metrics.REFRESH_DURATION.labels(provider.kind).observe(duration)
     metrics.REFRESHES.labels(provider.name, "failed").inc()
     metrics.REFRESH_FAILURES.labels(provider.name, error.kind).inc()
-    message = scrub(f"{error.kind}: {error}", [provider.secret, *_known_tokens(provider)])
+    # The issuer's words (detail) may echo the secret in any encoding: scrubbed with it and the
+    # provider's recent tokens before anything is cut, stored or logged.
+    text = f"{error.kind}: {error}" + (f": {error.detail}" if error.detail else "")
+    message = scrub(text, [provider.secret, *_known_tokens(provider)])
     failures = state.consecutive_failures + 1
     if error.transient:
         retry_in: float | None = retry_delay(failures, error.retry_after)
@@ -495,7 +662,7 @@ def _record_failure(
     )
     return RefreshResult(
         Outcome.FAILED,
-        error=error,
+        error=message,
         retry_in=retry_in,
         retry_at=next_attempt,
         permanent=not error.transient,
@@ -592,7 +759,8 @@ def dispatcher_schedule_ensure() -> bool:
     Returns True when something changed.
     """
     every = interval_schedule(tokens_settings.timedelta("DISPATCH_EVERY"))
-    _, created = PeriodicTask.objects.get_or_create(
+    queue = tokens_settings.QUEUE_URGENT or None
+    entry, created = PeriodicTask.objects.get_or_create(
         name=DISPATCH_SCHEDULE,
         defaults={
             "task": DISPATCH_TASK,
@@ -602,13 +770,20 @@ def dispatcher_schedule_ensure() -> bool:
             # A dispatch that waited this long is stale: the next one claims the same providers.
             "expire_seconds": max(5, every.every * 5),
             "description": "Sends the token refreshes that are due (managed by tokens).",
+            # The urgent queue: scheduled batches (slow endpoints) never hold up the dispatcher.
+            "queue": queue,
         },
     )
+    moved = False
+    if not created and entry.queue != queue:
+        entry.queue = queue
+        entry.save(update_fields=["queue"])  # save(): tells beat through PeriodicTasks.changed()
+        moved = True
     legacy = 0
     for task in PeriodicTask.objects.filter(name__startswith=LEGACY_SCHEDULE_PREFIX):
         task.delete()  # delete(), not a bulk delete: tells beat through PeriodicTasks.changed()
         legacy += 1
-    return created or bool(legacy)
+    return created or moved or bool(legacy)
 
 
 def dispatcher_schedule() -> PeriodicTask | None:
@@ -768,8 +943,41 @@ def refresh_batch(*, provider_ids: list[int], deadline: float) -> list[int]:
 # ---------------------------------------------------------------------------- keys
 
 
+def encryption_keys_unreadable() -> list[str]:
+    """The stored secrets and tokens that no key of TOKENS_ENCRYPTION_KEYS opens (described by
+    provider name and token version, never by content)."""
+    unreadable: list[str] = []
+    secrets = (
+        Provider.objects.exclude(secret="")
+        .annotate(raw=Cast(F("secret"), output_field=TextField()))
+        .values_list("name", "raw")
+    )
+    unreadable += [f"secret of {name}" for name, raw in secrets.iterator() if not crypto.opens(raw)]
+    tokens = Token.objects.annotate(raw=Cast(F("value"), output_field=TextField())).values_list(
+        "provider__name", "version", "raw"
+    )
+    unreadable += [
+        f"token v{version} of {name}"
+        for name, version, raw in tokens.iterator()
+        if not crypto.opens(raw)
+    ]
+    return unreadable
+
+
 def encryption_keys_rotate() -> int:
-    """Re-encrypt every stored secret and token with the first key; returns rows rewritten."""
+    """Re-encrypt every stored secret and token with the first key; returns rows rewritten.
+
+    Refuses (KeyRotationRefused, nothing rewritten) when any row does not open with the keys:
+    rotating would otherwise fail half-way, or tempt an operator to drop the key it needs.
+    """
+    unreadable = encryption_keys_unreadable()
+    if unreadable:
+        shown = ", ".join(unreadable[:10]) + (" …" if len(unreadable) > 10 else "")
+        raise KeyRotationRefused(
+            f"{len(unreadable)} stored value(s) do not open with TOKENS_ENCRYPTION_KEYS "
+            f"({shown}): put back the key they were encrypted with (after the new one), then "
+            "run this again"
+        )
     rewritten = 0
     with transaction.atomic():
         for pk, secret in Provider.objects.values_list("pk", "secret"):

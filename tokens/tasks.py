@@ -4,10 +4,10 @@ import time
 from typing import Any
 
 from celery import Task, shared_task
-from celery.exceptions import SoftTimeLimitExceeded
 
 from tokens import metrics, services
 from tokens.conf import tokens_settings
+from tokens.exceptions import TIME_LIMITS
 from tokens.services import Reason
 
 # Why a refresh runs travels in a message header, so the task's arguments (what Flower and the
@@ -23,6 +23,8 @@ def refresh_token(self: Task, provider_id: int) -> None:
     reason = Reason(self.request.get(REASON_HEADER) or Reason.SCHEDULE)
     try:
         result = services.token_refresh(provider_id=provider_id, reason=reason)
+    except TIME_LIMITS:
+        raise  # recorded as a failure that waits; readers are held off meanwhile
     except Exception:
         # Readers waiting on this refresh must be free to ask again (say the database was
         # briefly unreachable), not wait out the pending claim.
@@ -50,8 +52,10 @@ def refresh_batch(self: Task, provider_ids: list[int]) -> None:
     left: list[int] = []
     try:
         left = services.refresh_batch(provider_ids=provider_ids, deadline=deadline)
-    except SoftTimeLimitExceeded:
-        left = list(provider_ids)  # those stored already are fresh now: they will be skipped
+    except TIME_LIMITS:
+        # Those stored already are fresh now and will be skipped; those stopped mid-call keep
+        # their lock until it expires (so none is retried at once).
+        left = list(provider_ids)
         raise
     except Exception:
         for provider_id in provider_ids:
@@ -62,9 +66,21 @@ def refresh_batch(self: Task, provider_ids: list[int]) -> None:
             enqueue_batch(left, due=due)
 
 
+def lane(reason: Reason) -> dict[str, str]:
+    """The queue of a refresh sent for ``reason``: somebody waits for MANUAL and READER ones
+    (the urgent queue); the schedule's and retries go where slow endpoints may queue up."""
+    urgent = reason in (Reason.MANUAL, Reason.READER)
+    queue = tokens_settings.QUEUE_URGENT if urgent else tokens_settings.QUEUE_SCHEDULED
+    return {"queue": queue} if queue else {}
+
+
 def enqueue(provider_id: int, reason: Reason, **options: Any) -> None:
     """Send a refresh of ``provider_id`` for ``reason`` (options go to apply_async)."""
-    refresh_token.apply_async(args=(provider_id,), headers={REASON_HEADER: str(reason)}, **options)
+    refresh_token.apply_async(
+        args=(provider_id,),
+        headers={REASON_HEADER: str(reason)},
+        **{**lane(reason), **options},
+    )
 
 
 def enqueue_retry(provider_id: int, retry_in: float) -> None:
@@ -74,4 +90,6 @@ def enqueue_retry(provider_id: int, retry_in: float) -> None:
 
 def enqueue_batch(provider_ids: list[int], *, due: float | None, **options: Any) -> None:
     headers = {DUE_HEADER: repr(float(due))} if due is not None else {}
-    refresh_batch.apply_async(args=(list(provider_ids),), headers=headers, **options)
+    refresh_batch.apply_async(
+        args=(list(provider_ids),), headers=headers, **{**lane(Reason.SCHEDULE), **options}
+    )

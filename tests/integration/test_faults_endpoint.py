@@ -18,7 +18,7 @@ from pytest_httpserver import HTTPServer
 
 from tests.factories import SECRET, make_provider, oauth2_config
 from tests.integration.endpoint import TokenEndpoint
-from tests.processes import Process, start_worker, wait_for
+from tests.processes import Process, purge_queues, start_worker, wait_for
 from tokens import TokenUnavailable, get_token
 from tokens.models import ProviderState, Token
 
@@ -30,9 +30,8 @@ LIFETIME = 4  # seconds the good token lives
 
 @pytest.fixture(scope="module")
 def worker(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    from project.celery import app
 
-    app.control.purge()
+    purge_queues()
     process = start_worker(tmp_path_factory.mktemp("worker"), TOKENS_HTTP_TIMEOUT=str(HTTP_TIMEOUT))
     yield process
     process.stop()

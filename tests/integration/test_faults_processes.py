@@ -10,7 +10,7 @@ from pytest_httpserver import HTTPServer
 
 from tests.factories import make_provider, oauth2_config
 from tests.integration.endpoint import TokenEndpoint
-from tests.processes import wait_for
+from tests.processes import purge_queues, wait_for
 from tokens import get_token, store
 from tokens.models import Token
 from tokens.services import Reason
@@ -31,9 +31,8 @@ def executed_refreshes(log: str) -> int:
 def test_worker_killed_mid_refresh__lock_expires_and_next_refresh_succeeds(
     worker_factory, endpoint: TokenEndpoint
 ) -> None:
-    from project.celery import app
 
-    app.control.purge()
+    purge_queues()
     victim = worker_factory(hostname="victim", TOKENS_LOCK_TTL="2")
     endpoint.delays = [30.0]  # the first call hangs until the worker is killed
     provider = make_provider(config=oauth2_config(endpoint.url), interval=600)
@@ -50,9 +49,8 @@ def test_worker_killed_mid_refresh__lock_expires_and_next_refresh_succeeds(
 def test_two_workers__never_run_one_providers_refresh_twice_at_once(
     worker_factory, endpoint: TokenEndpoint
 ) -> None:
-    from project.celery import app
 
-    app.control.purge()
+    purge_queues()
     first = worker_factory(hostname="one", concurrency=4)
     second = worker_factory(hostname="two", concurrency=4)
     provider = make_provider(config=oauth2_config(endpoint.url), interval=600)
@@ -92,9 +90,8 @@ def test_outage_backlog__expired_messages_are_dropped_and_missed_runs_not_replay
 ) -> None:
     """Beat keeps sending its dispatch while no worker runs; when one comes back, the stale
     dispatches are discarded unread and the provider, due many times over, is refreshed once."""
-    from project.celery import app
 
-    app.control.purge()
+    purge_queues()
     before = worker_factory(hostname="before")
     make_provider(config=oauth2_config(endpoint.url), interval=3)
     wait_for(lambda: endpoint.calls == 1, 10, message="the first token")
