@@ -3,8 +3,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from django.core.exceptions import ValidationError
 
-from tests.factories import SECRET
+from tests.factories import SECRET, make_provider
 from tokens.exceptions import GeneratorError
 from tokens.generators import get_generator
 from tokens.models import Provider
@@ -53,9 +54,11 @@ def test_generate__wrong_return_type_is_a_permanent_error() -> None:
     ("config", "fragment"),
     [
         ({}, "path: this key is required"),
-        ({"path": "nodots"}, "must be a dotted path"),
+        ({"path": "nodots"}, "listed in TOKENS_CALLABLES"),
+        ({"path": "os.system"}, "listed in TOKENS_CALLABLES"),
+        ({"path": "no_such_module.fn"}, "listed in TOKENS_CALLABLES"),
+        ({"path": ["tests.callables.mapping"]}, "listed in TOKENS_CALLABLES"),
         ({"path": "tests.callables.missing"}, "cannot import a callable"),
-        ({"path": "no_such_module.fn"}, "cannot import a callable"),
         ({"path": "tests.callables.NOT_CALLABLE"}, "cannot import a callable"),
         ({"path": "tests.callables.mapping", "extra": 1}, "extra: unknown key"),
     ],
@@ -67,3 +70,44 @@ def test_validate__bad_path_is_a_config_error(config: dict[str, object], fragmen
 
 def test_validate__importable_callable_is_accepted() -> None:
     assert GENERATOR.validate({"path": "tests.callables.mapping"}, "") == {}
+
+
+@pytest.mark.django_db
+def test_unlisted_path__is_never_imported_by_validation_or_by_a_refresh(
+    tmp_path, monkeypatch
+) -> None:
+    """Choosing a function in admin is running code: a path the project did not list in
+    TOKENS_CALLABLES is refused without importing its module (whose top-level code would run)."""
+    import sys
+
+    from tokens import services
+    from tokens.models import ProviderState
+
+    marker = tmp_path / "imported"
+    monkeypatch.setenv("TOKENS_TEST_IMPORT_MARKER", str(marker))
+    path = "tests.unlisted_callables.make_token"
+    assert GENERATOR.validate({"path": path}, "")["config"]
+    provider = Provider(name="fn", kind="callable", config={"path": path})
+    with pytest.raises(ValidationError):
+        provider.full_clean()
+    with pytest.raises(GeneratorError, match="not listed in TOKENS_CALLABLES"):
+        GENERATOR.generate(provider)
+    # A row written around validation (a bulk update) still cannot run it.
+    saved = make_provider("fn", kind="callable", config={"path": "tests.callables.mapping"})
+    Provider.objects.filter(pk=saved.pk).update(config={"path": path})
+    result = services.token_refresh(provider_id=saved.pk, reason=services.Reason.MANUAL)
+    assert result.outcome == services.Outcome.FAILED
+    assert "TOKENS_CALLABLES" in ProviderState.objects.get(provider=saved).last_error
+    assert "tests.unlisted_callables" not in sys.modules
+    assert not marker.exists()
+
+
+@pytest.mark.django_db
+def test_generator_that_raises_system_exit__is_a_permanent_failure_not_an_exit() -> None:
+    from tokens import services
+    from tokens.models import ProviderState
+
+    provider = make_provider("fn", kind="callable", config={"path": "tests.callables.exits"})
+    result = services.token_refresh(provider_id=provider.pk, reason=services.Reason.MANUAL)
+    assert result.outcome == services.Outcome.FAILED and result.permanent
+    assert "raised SystemExit" in ProviderState.objects.get(provider=provider).last_error
