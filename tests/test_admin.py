@@ -210,3 +210,138 @@ def test_add__form_explains_each_kind(staff: Client) -> None:
     for kind in ("oauth2_client_credentials", "callable", "static"):
         assert f"<b>{kind}</b>" in page
     assert "token_url" in page and "client_secret_post" in page
+
+
+# ---------------------------------------------------------------------------- permissions
+
+
+def user_with(*codenames: str) -> User:
+    from django.contrib.auth.models import Permission
+
+    user = User.objects.create_user("limited", password="pw", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    return User.objects.get(pk=user.pk)
+
+
+def secret_forms(secret: str) -> list[str]:
+    import base64
+    from urllib.parse import quote_plus
+
+    return [secret, quote_plus(secret), base64.b64encode(secret.encode()).decode()]
+
+
+def test_view_only__sees_the_pages_without_the_secret_and_can_change_nothing(
+    client: Client, django_capture_on_commit_callbacks
+) -> None:
+    """view_provider means view: no action is offered or runs, the change page answers 200
+    read-only, and the secret appears in no form."""
+    provider = make_provider("payments", kind="static", secret=SECRET)
+    client.force_login(user_with("view_provider"))
+    page = client.get("/admin/tokens/provider/")
+    assert page.status_code == 200
+    assert page.context["action_form"] is None or not [
+        choice for choice, _ in page.context["action_form"].fields["action"].choices if choice
+    ]
+    for action in ("disable", "enable", "refresh_now"):
+        with django_capture_on_commit_callbacks() as callbacks:
+            client.post(
+                "/admin/tokens/provider/", {"action": action, "_selected_action": [provider.pk]}
+            )
+        assert callbacks == []
+    assert Provider.objects.get(pk=provider.pk).enabled
+    change = client.get(f"/admin/tokens/provider/{provider.pk}/change/")
+    assert change.status_code == 200
+    html = change.content.decode()
+    assert "stored (write-only: never shown)" in html
+    assert 'id="tokens-refresh-now"' not in html
+    for form in secret_forms(SECRET):
+        assert form not in html
+    assert client.post(f"/admin/tokens/provider/{provider.pk}/refresh/").status_code == 403
+    assert (
+        client.post(
+            f"/admin/tokens/provider/{provider.pk}/change/", form_data(kind="static", config="{}")
+        ).status_code
+        == 403
+    )
+    assert Provider.objects.get(pk=provider.pk).secret == SECRET
+
+
+def test_refresh_permission__refreshes_but_edits_nothing(
+    client: Client, django_capture_on_commit_callbacks
+) -> None:
+    provider = make_provider("payments", kind="static", secret=SECRET)
+    client.force_login(user_with("view_provider", "refresh_provider"))
+    choices = [
+        c
+        for c, _ in client.get("/admin/tokens/provider/")
+        .context["action_form"]
+        .fields["action"]
+        .choices
+        if c
+    ]
+    assert choices == ["refresh_now"]
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = client.post(f"/admin/tokens/provider/{provider.pk}/refresh/", follow=True)
+    assert "payments: refresh queued." in [str(m) for m in response.context["messages"]]
+    assert len(callbacks) == 1
+    client.post("/admin/tokens/provider/", {"action": "disable", "_selected_action": [provider.pk]})
+    assert Provider.objects.get(pk=provider.pk).enabled
+    html = client.get(f"/admin/tokens/provider/{provider.pk}/change/").content.decode()
+    assert 'id="tokens-refresh-now"' in html and SECRET not in html
+
+
+@pytest.mark.parametrize(
+    ("change", "needs_secret"),
+    [
+        ({"token_url": "https://attacker.example/token"}, True),
+        ({"token_url": "https://auth.example.com:8443/token"}, True),
+        ({"token_url": "http://localhost/token"}, True),
+        ({"ca_certs": "-----BEGIN CERTIFICATE-----"}, True),
+        ({"token_url": "https://auth.example.com/other/path"}, False),
+        ({"scope": "read"}, False),
+    ],
+)
+def test_change__a_blank_secret_is_kept_only_while_it_goes_where_it_went(
+    staff: Client, change: dict[str, str], needs_secret: bool
+) -> None:
+    """Write-only means bound to its destination: pointing a provider at another origin (or
+    other CAs) with the secret left blank is refused, so the stored secret is never sent to a
+    host of the editor's choosing."""
+    config = {"token_url": "https://auth.example.com/token", "client_id": "c1"}
+    provider = make_provider("payments", config=config)
+    url = f"/admin/tokens/provider/{provider.pk}/change/"
+    new_config = {**config, **change}
+    response = staff.post(url, form_data(config=json.dumps(new_config), secret=""))
+    if needs_secret:
+        assert response.status_code == 200
+        errors = response.context["adminform"].form.errors
+        assert any("Enter the secret again" in message for message in errors.get("secret", []))
+        assert Provider.objects.get(pk=provider.pk).config == config
+    else:  # same origin, same CAs: the stored secret is kept
+        assert response.status_code == 302, response.context["adminform"].form.errors
+        saved = Provider.objects.get(pk=provider.pk)
+        assert (saved.config, saved.secret) == (new_config, SECRET)
+
+
+def test_change__another_kind_needs_the_secret_again(staff: Client) -> None:
+    provider = make_provider(
+        "payments", config={"token_url": "https://auth.example.com/token", "client_id": "c1"}
+    )
+    url = f"/admin/tokens/provider/{provider.pk}/change/"
+    response = staff.post(url, form_data(kind="static", config="{}", secret=""))
+    assert response.status_code == 200
+    assert "secret" in response.context["adminform"].form.errors
+    response = staff.post(url, form_data(kind="static", config="{}", secret="new-static-token"))
+    assert response.status_code == 302
+    assert Provider.objects.get(pk=provider.pk).secret == "new-static-token"
+
+
+@pytest.mark.parametrize("interval", ["3650000 00:00:00", "366 00:00:00"])
+def test_add__an_interval_beyond_the_cap_is_a_field_error_not_a_500(
+    staff: Client, interval: str
+) -> None:
+    response = staff.post(ADD_URL, form_data(refresh_interval=interval))
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert any("at most 365 days" in message for message in errors["refresh_interval"])
+    assert not Provider.objects.exists()

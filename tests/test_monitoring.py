@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
 
@@ -148,6 +148,14 @@ def test_monitoring__access_control(client: Client, settings, url: str) -> None:
     User.objects.create_user("plain", password="pw")
     client.login(username="plain", password="pw")
     assert client.get(url).status_code == 403
+    client.logout()
+    # Staff is not enough: provider names and errors are what view_provider shows in admin.
+    staff_only = User.objects.create_user("staff", password="pw", is_staff=True)
+    client.force_login(staff_only)
+    assert client.get(url).status_code == 403
+    staff_only.user_permissions.add(Permission.objects.get(codename="view_provider"))
+    client.force_login(User.objects.get(pk=staff_only.pk))  # permissions are cached per object
+    assert client.get(url).status_code == 200
     client.logout()
 
     settings.TOKENS_MONITORING_ACCESS = "key"

@@ -4,6 +4,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
@@ -228,9 +229,54 @@ class ProviderAdmin(admin.ModelAdmin):
             obj.pk,
         )
 
+    @admin.display(description="secret")
+    def secret_status(self, obj: Provider) -> str:
+        return "stored (write-only: never shown)" if obj.secret else "none"
+
+    # ------------------------------------------------------------------ permissions
+    #
+    # Django's meaning, action by action: view_provider sees pages and the list (never the
+    # secret), change_provider edits and enables or disables, refresh_provider (or change)
+    # queues a refresh.
+
+    def has_refresh_permission(self, request: HttpRequest, obj: Provider | None = None) -> bool:
+        user = request.user
+        return bool(
+            user.is_active and user.has_perm("tokens.refresh_provider")
+        ) or self.has_change_permission(request, obj)
+
+    def get_fieldsets(self, request: HttpRequest, obj: Provider | None = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is not None and not self.has_change_permission(request, obj):
+            # A read-only page would render every field's value, the secret's included.
+            return [
+                (title, {**options, "fields": [_public(f) for f in options["fields"]]})
+                for title, options in fieldsets
+            ]
+        return fieldsets
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Provider | None = None) -> Any:
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None and not self.has_change_permission(request, obj):
+            fields.append("secret_status")
+        return fields
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        extra_context = {
+            **(extra_context or {}),
+            "can_refresh": self.has_refresh_permission(request),
+        }
+        return super().change_view(request, object_id, form_url, extra_context)
+
     # ------------------------------------------------------------------ actions
 
-    @admin.action(description="Refresh now")
+    @admin.action(description="Refresh now", permissions=["refresh"])
     def refresh_now(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         for provider in queryset:
             self._refresh(request, provider)
@@ -244,11 +290,11 @@ class ProviderAdmin(admin.ModelAdmin):
         services.refresh_enqueue(provider_id=provider.pk)
         self.message_user(request, f"{provider.name}: refresh queued.", messages.SUCCESS)
 
-    @admin.action(description="Enable")
+    @admin.action(description="Enable", permissions=["change"])
     def enable(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         self._set_enabled(request, queryset, True)
 
-    @admin.action(description="Disable")
+    @admin.action(description="Disable", permissions=["change"])
     def disable(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
         self._set_enabled(request, queryset, False)
 
@@ -276,7 +322,13 @@ class ProviderAdmin(admin.ModelAdmin):
 
     def refresh_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
         provider = get_object_or_404(Provider, pk=object_id)
-        if request.method != "POST" or not self.has_change_permission(request, provider):
-            return HttpResponseRedirect(reverse("admin:tokens_provider_change", args=[object_id]))
-        self._refresh(request, provider)
+        if not self.has_refresh_permission(request, provider):
+            raise PermissionDenied
+        if request.method == "POST":
+            self._refresh(request, provider)
         return HttpResponseRedirect(reverse("admin:tokens_provider_change", args=[object_id]))
+
+
+def _public(field: Any) -> Any:
+    """The field shown in place of ``field`` on a read-only page."""
+    return "secret_status" if field == "secret" else field

@@ -7,7 +7,7 @@ from django import forms
 from django.utils.html import format_html, format_html_join
 
 from tokens.generators import registry
-from tokens.models import Provider
+from tokens.models import Provider, secret_destination
 
 
 def kinds_help() -> str:
@@ -24,13 +24,18 @@ def kinds_help() -> str:
 
 
 class ProviderForm(forms.ModelForm):
-    """The secret is write-only: never rendered back; blank keeps the stored one."""
+    """The secret is write-only: never rendered back. Left blank, the stored one is kept, but
+    only while it would go where it went before (same kind, same token endpoint origin, same
+    trusted CAs): pointing a provider somewhere else requires entering the secret again."""
 
     secret = forms.CharField(
         required=False,
         strip=False,
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
-        help_text="Client secret (static: the token). Never shown; leave blank to keep it.",
+        help_text=(
+            "Client secret (static: the token). Never shown; leave blank to keep it, unless "
+            "the kind or the token endpoint changes."
+        ),
     )
 
     class Meta:
@@ -39,8 +44,11 @@ class ProviderForm(forms.ModelForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["config"].help_text = kinds_help()
-        if self.instance.pk and self.instance.secret:
+        self._secret_kept = False
+        # A view-only page has a form without fields.
+        if "config" in self.fields:
+            self.fields["config"].help_text = kinds_help()
+        if "secret" in self.fields and self.instance.pk and self.instance.secret:
             self.fields["secret"].help_text = "A secret is stored. " + (
                 self.fields["secret"].help_text or ""
             )
@@ -48,5 +56,21 @@ class ProviderForm(forms.ModelForm):
     def clean_secret(self) -> str:
         secret: str = self.cleaned_data.get("secret") or ""
         if not secret and self.instance.pk:
+            self._secret_kept = True
             return self.instance.secret  # keep
         return secret
+
+    def clean(self) -> dict[str, Any]:
+        cleaned: dict[str, Any] = super().clean() or {}
+        if self._secret_kept and "kind" in cleaned and "config" in cleaned:
+            stored = Provider.objects.filter(pk=self.instance.pk).first()
+            if stored is not None and stored.secret_destination() != secret_destination(
+                cleaned["kind"], cleaned["config"]
+            ):
+                self.add_error(
+                    "secret",
+                    "Enter the secret again: the kind, the token endpoint's origin or the "
+                    "trusted CAs changed, and a stored secret is only ever sent where it was "
+                    "entered for.",
+                )
+        return cleaned

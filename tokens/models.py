@@ -17,6 +17,14 @@ from tokens.generators import get_generator, kind_choices, registry
 INTERVAL_FLOOR = timedelta(seconds=1)
 
 
+def secret_destination(kind: str, config: object) -> object:
+    """Where a provider of ``kind`` with ``config`` sends its secret (compared, never shown)."""
+    generator = registry().get(kind)
+    if generator is None or not isinstance(config, dict):
+        return (kind, None)
+    return generator.secret_destination(config)
+
+
 class ProviderQuerySet(models.QuerySet["Provider"]):
     def enabled(self) -> ProviderQuerySet:
         return self.filter(enabled=True)
@@ -67,6 +75,7 @@ class Provider(models.Model):
     class Meta:
         ordering = ["name"]
         verbose_name = "token provider"
+        permissions = [("refresh_provider", "Can refresh a provider's token now")]
         constraints = [
             models.CheckConstraint(
                 condition=Q(refresh_interval__gte=INTERVAL_FLOOR),
@@ -78,13 +87,22 @@ class Provider(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def secret_destination(self) -> object:
+        """Where this provider sends its secret: its kind and, per kind, the endpoint."""
+        return secret_destination(self.kind, self.config)
+
     def clean(self) -> None:
         errors: dict[str, list[str]] = {}
         minimum = tokens_settings.timedelta("MIN_REFRESH_INTERVAL")
+        maximum = tokens_settings.timedelta("MAX_REFRESH_INTERVAL")
         if self.refresh_interval is not None and self.refresh_interval < minimum:
             errors.setdefault("refresh_interval", []).append(
                 f"Must be at least {minimum.total_seconds():g} seconds "
                 "(TOKENS_MIN_REFRESH_INTERVAL)."
+            )
+        if self.refresh_interval is not None and self.refresh_interval > maximum:
+            errors.setdefault("refresh_interval", []).append(
+                f"Must be at most {maximum.days} days (TOKENS_MAX_REFRESH_INTERVAL)."
             )
         if self.kind not in registry():
             errors.setdefault("kind", []).append(f"Unknown kind {self.kind!r}.")

@@ -19,8 +19,10 @@ def _allowed(request: HttpRequest) -> bool:
         key = tokens_settings.MONITORING_KEY
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         return bool(key) and hmac.compare_digest(given.encode(), key.encode())
+    # Provider names, kinds and their errors are what view_provider shows in admin: the same
+    # permission, not just a staff flag.
     user = getattr(request, "user", None)
-    return bool(user and user.is_active and user.is_staff)
+    return bool(user and user.is_active and user.is_staff and user.has_perm("tokens.view_provider"))
 
 
 def _denied() -> JsonResponse:
