@@ -12,7 +12,7 @@ from django.db import connection
 from django.utils import timezone
 
 from tests.factories import make_provider
-from tests.processes import wait_for
+from tests.processes import purge_queues, wait_for
 from tokens import (
     ProviderDisabled,
     TokenError,
@@ -136,16 +136,14 @@ def test_get_token__waits_for_first_token_and_wakes_on_the_notification(settings
 def test_get_token__asks_for_exactly_one_refresh(redis_client: redis.Redis) -> None:
     from django.conf import settings
 
-    from project.celery import app
-
     provider = counted_provider()
-    app.control.purge()
+    purge_queues()
     for _ in range(3):
         with pytest.raises(TokenUnavailable):
             get_token("api", timeout=0.2)
     assert redis_client.exists(f"tokens:pending:{provider.pk}")
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    assert broker.llen("celery") == 1  # three waiting callers, one refresh message
+    assert broker.llen("tokens.urgent") == 1  # three waiting callers, one refresh message
 
 
 def test_get_token__token_stored_between_read_and_wait_is_not_missed(
@@ -216,3 +214,48 @@ def test_get_token__config_change_never_serves_the_old_token() -> None:
     services.token_refresh(provider_id=provider.pk)
     assert get_token("api") == "mapped"
     assert ProviderState.objects.get(provider=provider).current_version > 1
+
+
+def test_get_token__an_entry_copied_to_another_providers_key_is_not_served(
+    redis_client: redis.Redis,
+) -> None:
+    """The cache entry is bound to its provider's name inside the ciphertext: a value copied
+    from one key to another (by anyone with Redis access) is dropped, not served."""
+    refreshed("alpha")
+    other = refreshed("beta")
+    alpha_entry = redis_client.get("tokens:tok:alpha")
+    redis_client.set("tokens:tok:beta", alpha_entry)
+    notify.memory.clear()
+    assert store.get("beta") is None  # refused and dropped
+    assert redis_client.get("tokens:tok:beta") is None
+    assert get_token("beta") == Token.objects.get(provider=other).value  # from the database
+    assert get_token("beta") != Token.objects.get(provider__name="alpha").value
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [(-1, ValueError), (float("nan"), ValueError), ("5", TypeError), (True, TypeError)],
+)
+def test_get_token__arguments_are_checked_the_same_warm_or_cold(
+    timeout: object, error: type[Exception]
+) -> None:
+    refreshed("api")
+    notify.memory.clear()
+    with pytest.raises(error):  # cold
+        get_token("api", timeout=timeout)  # type: ignore[arg-type]
+    assert get_token("api") and "api" in notify.memory
+    with pytest.raises(error):  # warm: the same answer
+        get_token("api", timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(error):
+        api.get_token_with_type("api", timeout=timeout)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(10)
+def test_get_token__a_megabyte_name_is_unknown_at_once_and_not_repeated() -> None:
+    name = "x" * 1024 * 1024
+    with pytest.raises(UnknownProvider) as caught:
+        get_token(name, timeout=60)
+    assert len(str(caught.value)) < 150
+    with pytest.raises(UnknownProvider) as caught:
+        get_token("y" * 100, timeout=60)  # a name that could exist is looked up
+    assert len(str(caught.value)) < 150

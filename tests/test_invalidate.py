@@ -10,9 +10,8 @@ import redis
 from django.conf import settings
 from django.db import connection
 
-from project.celery import app
 from tests.factories import make_provider
-from tests.processes import wait_for
+from tests.processes import purge_queues, wait_for
 from tokens import ainvalidate_token, get_token, invalidate_token, notify, store
 from tokens.models import Provider
 from tokens.services import Reason, token_refresh
@@ -29,12 +28,12 @@ def refreshed(name: str = "api") -> Provider:
 def test_invalidate__current_token_is_dropped_everywhere_and_a_refresh_is_queued() -> None:
     provider = refreshed()
     assert get_token("api") == "api-token-1"
-    app.control.purge()
+    purge_queues()
     assert invalidate_token("api", "api-token-1") is True
     assert "api" not in notify.memory
     assert store.get("api") is None
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    assert broker.llen("celery") == 1  # the refresh
+    assert broker.llen("tokens.urgent") == 1  # the refresh
 
     def refresh_soon() -> None:
         time.sleep(0.3)

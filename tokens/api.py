@@ -25,6 +25,9 @@ from tokens.models import ProviderState
 
 logger = logging.getLogger(__name__)
 
+# Provider.name's max_length: a longer name names no provider.
+MAX_NAME_LENGTH = 100
+
 _memory = notify.memory
 _listener = notify.listener
 _time = time.time
@@ -36,12 +39,15 @@ def get_token(name: str, *, timeout: float | None = None) -> str:
     Waits up to ``timeout`` seconds (default TOKENS_WAIT_TIMEOUT) for a first token. Raises
     UnknownProvider, ProviderDisabled, or TokenUnavailable (with the provider's last error).
     """
-    # The warm path, inlined (a function call would cost as much as the lookup itself).
+    # The warm path, inlined (a function call would cost as much as the lookup itself). Only
+    # str names are ever remembered, so a hit has a valid name; a timeout is checked as cold.
     try:
         entry = _memory.get(name)
     except TypeError:  # unhashable: reported properly below
         entry = None
     if entry is not None and entry[1] > _time():
+        if timeout is not None:
+            _check_arguments(name, timeout)
         return entry[0]
     return _get_token_slow(name, timeout)[0]
 
@@ -59,6 +65,8 @@ def get_token_with_type(name: str, *, timeout: float | None = None) -> tuple[str
     """get_token(), with the token's type ("Bearer", ...) for an Authorization header."""
     entry = _remembered(name)
     if entry is not None:
+        if timeout is not None:
+            _check_arguments(name, timeout)
         return entry[0], entry[3]
     return _get_token_slow(name, timeout)
 
@@ -72,6 +80,8 @@ async def aget_token_with_type(name: str, *, timeout: float | None = None) -> tu
     """aget_token(), with the token's type."""
     entry = _remembered(name)
     if entry is not None:
+        if timeout is not None:
+            _check_arguments(name, timeout)
         return entry[0], entry[3]
     return await sync_to_async(_in_worker_thread, thread_sensitive=False)(
         _get_token_slow, name, timeout
@@ -99,7 +109,12 @@ def invalidate_token(name: str, token: str) -> bool:
         raise TypeError("invalidate_token() token must be a non-empty str")
     provider = selectors.provider_for_reading(name=name)
     current = selectors.current_token(provider=provider)
-    if current is None or not hmac.compare_digest(current.value, token):
+    if current is None or not hmac.compare_digest(current.value.encode(), token.encode()):
+        return False
+    if not _invalidation_allowed(provider.pk):
+        # Voided moments ago: an API that rejects every token must not turn each of its 401s
+        # into a token-endpoint call (TOKENS_INVALIDATE_COOLDOWN).
+        logger.info("tokens: invalidation of %s within its cool-down, ignored", provider.name)
         return False
     if services.provider_invalidate(provider=provider, expected_version=current.version) is None:
         return False  # a newer token arrived meanwhile
@@ -108,6 +123,25 @@ def invalidate_token(name: str, token: str) -> bool:
         _memory.pop(name, None)
     services.refresh_enqueue(provider_id=provider.pk)
     return True
+
+
+_local_invalidations: dict[int, float] = {}
+
+
+def _invalidation_allowed(provider_id: int) -> bool:
+    """At most one invalidation per provider per TOKENS_INVALIDATE_COOLDOWN, fleet-wide (a Redis
+    claim) or, while Redis is unreachable, per process."""
+    cooldown = tokens_settings.seconds("INVALIDATE_COOLDOWN")
+    if cooldown <= 0:
+        return True
+    try:
+        return store.claim_invalidation(provider_id, cooldown)
+    except store.StoreError:
+        now = time.monotonic()
+        if now - _local_invalidations.get(provider_id, -math.inf) < cooldown:
+            return False
+        _local_invalidations[provider_id] = now
+        return True
 
 
 async def ainvalidate_token(name: str, token: str) -> bool:
@@ -124,6 +158,8 @@ def _check_arguments(name: object, timeout: object) -> float:
         raise TypeError(f"get_token() name must be a str, not {type(name).__name__}")
     if not name:
         raise ValueError("get_token() name must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise UnknownProvider(name)  # no provider can have it: no query
     if timeout is None:
         return tokens_settings.seconds("WAIT_TIMEOUT")
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):

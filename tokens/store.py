@@ -1,10 +1,11 @@
 """Redis side of tokens: the encrypted cache entry, version fencing, locks, notifications.
 
 Keys (prefix TOKENS_REDIS_PREFIX, default "tokens"):
-  <p>:tok:<name>      encrypted JSON of the current token, TTL until its expiry
+  <p>:tok:<name>      encrypted JSON of the current token (and its name), TTL until its expiry
   <p>:ver:<name>      highest version written for <name> (no TTL): fences late, older writers
   <p>:lock:<id>       refresh lock, TTL TOKENS_LOCK_TTL
   <p>:pending:<id>    a refresh was requested by a reader, TTL TOKENS_PENDING_TTL
+  <p>:inval:<id>      the token was voided by invalidate_token(), TTL TOKENS_INVALIDATE_COOLDOWN
   <p>:events          pub/sub channel: {"n": name, "v": version, "e": "stored"|"changed"}
 """
 
@@ -81,6 +82,10 @@ def get(name: str) -> CachedToken | None:
         return None
     try:
         data = json.loads(crypto.decrypt(raw.decode(), what="a cached token"))
+        if data["n"] != name:
+            # Copied from another provider's key: the entry is bound to its name inside the
+            # ciphertext, so it is never served as this provider's token.
+            raise ValueError("cache entry of another provider")
         return CachedToken(
             provider_id=int(data["i"]),
             version=int(data["v"]),
@@ -142,6 +147,7 @@ def _put_args(
     payload = crypto.encrypt(
         json.dumps(
             {
+                "n": name,
                 "i": token.provider_id,
                 "v": token.version,
                 "t": token.value,
@@ -253,3 +259,9 @@ def mark_pending(provider_id: int) -> bool:
 
 def clear_pending(provider_id: int) -> None:
     client().delete(_key("pending", provider_id))
+
+
+def claim_invalidation(provider_id: int, seconds: float) -> bool:
+    """Claim the right to void ``provider_id``'s token for ``seconds``; False if claimed."""
+    ttl_ms = max(1, int(seconds * 1000))
+    return bool(client().set(_key("inval", provider_id), "1", nx=True, px=ttl_ms))

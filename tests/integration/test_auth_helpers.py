@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ from tests.factories import make_provider
 from tests.processes import Process, wait_for
 from tokens import aget_token
 from tokens.auth import HttpxTokenAuth, RequestsTokenAuth
-from tokens.models import Token
+from tokens.models import ProviderState, Token
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -118,3 +119,73 @@ def test_aget_token__the_event_loop_keeps_serving_while_one_waits(
     token, ticks = asyncio.run(main())
     assert token == "slow-token-1"
     assert ticks > 20  # other coroutines ran all along
+
+
+class ElsewhereApi:
+    """The protected API redirects to another origin (another port), which answers 401 and
+    records every Authorization header it receives."""
+
+    def __init__(self, server: HTTPServer, elsewhere: HTTPServer) -> None:
+        self.seen_elsewhere: list[str] = []
+        server.expect_request("/moved").respond_with_data(
+            "", status=302, headers={"Location": elsewhere.url_for("/grab")}
+        )
+        elsewhere.expect_request("/grab").respond_with_handler(self._grab)
+        self.url = server.url_for("/moved")
+
+    def _grab(self, request: Request) -> Response:
+        self.seen_elsewhere.append(request.headers.get("Authorization", ""))
+        return Response("who are you", status=401)
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[HTTPServer]:
+    server = HTTPServer(host="127.0.0.1", port=0)
+    server.start()
+    yield server
+    server.clear()
+    server.stop()
+
+
+def call_following_redirects(client: str, url: str) -> int:
+    if client == "requests":
+        return requests.get(url, auth=RequestsTokenAuth("api", timeout=10), timeout=10).status_code
+    if client == "httpx":
+        with httpx.Client(auth=HttpxTokenAuth("api", timeout=10), follow_redirects=True) as c:
+            return c.get(url).status_code
+
+    async def go() -> int:
+        async with httpx.AsyncClient(
+            auth=HttpxTokenAuth("api", timeout=10), follow_redirects=True
+        ) as c:
+            return (await c.get(url)).status_code
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("client", list(CLIENTS))
+def test_helper__a_401_from_a_redirect_target_gets_no_token_and_voids_nothing(
+    api: ProtectedApi, httpserver: HTTPServer, elsewhere: HTTPServer, redis_client, client: str
+) -> None:
+    api_elsewhere = ElsewhereApi(httpserver, elsewhere)
+    token = Token.objects.get(provider__name="api")
+    assert call_following_redirects(client, api_elsewhere.url) == 401
+    assert api_elsewhere.seen_elsewhere == [""]  # no token, not even on a retry
+    assert int(redis_client.get("test:calls:api")) == 1  # no refresh was caused
+    assert list(Token.objects.filter(provider__name="api")) == [token]
+    state = ProviderState.objects.get(provider__name="api")
+    assert state.current_version == token.version  # the token was not voided
+
+
+@pytest.mark.parametrize("client", list(CLIENTS))
+def test_helper__20_page_loads_against_an_api_rejecting_every_token_cost_one_refresh(
+    api: ProtectedApi, redis_client, client: str
+) -> None:
+    """Invalidation is bounded per provider (TOKENS_INVALIDATE_COOLDOWN): an API that answers
+    401 to everything cannot turn each anonymous page load into a token-endpoint call."""
+    api.reject_all = True
+    for _ in range(20):
+        status, _ = CLIENTS[client](api.url)
+        assert status == 401
+    calls = int(redis_client.get("test:calls:api"))
+    assert calls == 2  # the first token, and one refresh after the first 401
