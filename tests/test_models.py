@@ -6,14 +6,14 @@ from io import StringIO
 import pytest
 from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured, ValidationError
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import IntegrityError, connection, transaction
 
 from tests.factories import SECRET, make_provider
-from tokens import crypto
+from tokens import crypto, services
 from tokens.exceptions import DecryptionError
 from tokens.generators import Generator, kind_choices, registry
-from tokens.models import Provider
+from tokens.models import Provider, Token
 
 pytestmark = pytest.mark.django_db
 
@@ -59,7 +59,7 @@ def test_full_clean__accepts_a_valid_provider() -> None:
         ({"refresh_interval": timedelta(seconds=0)}, "refresh_interval", ""),
         ({"refresh_interval": timedelta(seconds=-5)}, "refresh_interval", ""),
         ({"name": "not a slug!"}, "name", "letters, numbers, underscores or hyphens"),
-        ({"kind": "callable", "config": {"path": "nowhere.fn"}}, "config", "cannot import"),
+        ({"kind": "callable", "config": {"path": "nowhere.fn"}}, "config", "TOKENS_CALLABLES"),
     ],
 )
 def test_full_clean__field_level_errors(
@@ -130,8 +130,37 @@ def test_rotate_token_keys__reencrypts_with_the_new_key_and_loses_nothing(settin
     out = StringIO()
     call_command("rotate_token_keys", stdout=out)
     assert "re-encrypted" in out.getvalue()
+    # It names the key it encrypts with, by a fingerprint that reveals nothing of it.
+    assert f"key #1 (fingerprint {crypto.key_fingerprint(new)})" in out.getvalue()
+    assert not [
+        key for key in [new, *crypto.tokens_settings.encryption_keys()] if key in out.getvalue()
+    ]
     settings.TOKENS_ENCRYPTION_KEYS = new  # the old key is gone now
     assert Provider.objects.get(pk=provider.pk).secret == SECRET
+
+
+def raw_column(table: str, column: str, pk: int) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {column} FROM {table} WHERE id = %s", [pk])
+        return str(cursor.fetchone()[0])
+
+
+def test_rotate_token_keys__refuses_when_a_row_does_not_open_and_rewrites_nothing(
+    settings,
+) -> None:
+    provider = make_provider("api", kind="static", secret=SECRET)
+    services.token_refresh(provider_id=provider.pk)
+    token = Token.objects.get(provider=provider)
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"from another key").decode()
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE tokens_token SET value = %s WHERE id = %s", [foreign, token.pk])
+    secret_before = raw_column("tokens_provider", "secret", provider.pk)
+    new = Fernet.generate_key().decode()
+    settings.TOKENS_ENCRYPTION_KEYS = f"{new},{settings.TOKENS_ENCRYPTION_KEYS}"
+    with pytest.raises(CommandError, match="nothing rewritten: 1 stored value") as caught:
+        call_command("rotate_token_keys", stdout=StringIO())
+    assert "token v1 of api" in str(caught.value)
+    assert raw_column("tokens_provider", "secret", provider.pk) == secret_before
 
 
 class Telepathy(Generator):

@@ -7,7 +7,12 @@ class TokensConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from tokens import crypto, signals  # noqa: F401 - connects the Provider signals
+        from celery.signals import beat_init, worker_init
+
+        from tokens import checks, crypto, signals  # noqa: F401 - registers checks, receivers
 
         # Refuse to start without encryption keys rather than store plaintext.
         crypto.check_keys()
+        # Workers and beat run no Django system checks: they refuse to start the same way.
+        worker_init.connect(checks.on_process_start, dispatch_uid="tokens.checks.worker")
+        beat_init.connect(checks.on_process_start, dispatch_uid="tokens.checks.beat")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.core.exceptions import ImproperlyConfigured
@@ -53,6 +54,25 @@ def decrypt(ciphertext: str, *, what: str = "a stored value") -> str:
             f"cannot decrypt {what} with any key in TOKENS_ENCRYPTION_KEYS "
             "(was it encrypted with a key that has been removed?)"
         ) from None
+
+
+def opens(ciphertext: str) -> bool:
+    """Whether ``ciphertext`` decrypts with one of the keys."""
+    try:
+        multi_fernet().decrypt(ciphertext.encode())
+    except (InvalidToken, ValueError, TypeError):
+        return False
+    return True
+
+
+def key_fingerprint(key: str) -> str:
+    """A short public name of a Fernet key (a SHA-256 prefix): tells keys apart, reveals none."""
+    return hashlib.sha256(key.strip().encode()).hexdigest()[:12]
+
+
+def key_fingerprints() -> list[str]:
+    """The fingerprints of TOKENS_ENCRYPTION_KEYS, in order (the first encrypts)."""
+    return [key_fingerprint(key) for key in tokens_settings.encryption_keys()]
 
 
 def fingerprint(token: str) -> str:

@@ -1,8 +1,9 @@
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
-from tokens import services
+from tokens import crypto, services
+from tokens.exceptions import KeyRotationRefused
 
 
 class Command(BaseCommand):
@@ -12,5 +13,17 @@ class Command(BaseCommand):
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        rows = services.encryption_keys_rotate()
-        self.stdout.write(self.style.SUCCESS(f"re-encrypted {rows} rows with the first key"))
+        fingerprints = crypto.key_fingerprints()
+        self.stdout.write(
+            f"encrypting with key #1 of {len(fingerprints)} (fingerprint {fingerprints[0]}); "
+            f"the others only decrypt ({', '.join(fingerprints[1:]) or 'none'})"
+        )
+        try:
+            rows = services.encryption_keys_rotate()
+        except KeyRotationRefused as error:
+            raise CommandError(f"nothing rewritten: {error}") from None
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"re-encrypted {rows} rows with key #1 (fingerprint {fingerprints[0]})"
+            )
+        )
