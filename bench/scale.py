@@ -110,10 +110,11 @@ def scale(report: Report, quick: bool) -> None:
         # is over a third of the old interval ago, so the new schedule makes it due at once.
         edit_at = window[0] + every / 2
         new_interval = max(1, every // 3)
+        margin = min(2.0, every / 5)  # --quick's 5 s interval leaves no room for 2 s each side
         victim = next(
             pk
             for pk, due in first_due.items()
-            if (edit_at - due) % every > new_interval + 2 and (edit_at - due) % every < every - 2
+            if new_interval + margin < (edit_at - due) % every < every - margin
         )
         sleep_until(edit_at)
         provider = Provider.objects.get(pk=victim)
