@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import redis
 from django.contrib.auth.models import User
 from django.test import Client
 from django_celery_beat.models import PeriodicTask
 
 from tests.factories import SECRET, make_provider
 from tokens import services
+from tokens.generators import Generator
 from tokens.models import Provider, ProviderState
 
 pytestmark = pytest.mark.django_db
@@ -345,3 +347,73 @@ def test_add__an_interval_beyond_the_cap_is_a_field_error_not_a_500(
     errors = response.context["adminform"].form.errors
     assert any("at most 365 days" in message for message in errors["refresh_interval"])
     assert not Provider.objects.exists()
+
+
+class Webhook(Generator):
+    """A project's own kind: it sends the secret to config["url"], and does not say so."""
+
+    kind = "webhook"
+    label = "Webhook"
+    required_keys = frozenset({"url"})
+    secret_required = True
+
+
+def test_change__a_projects_own_kind_needs_the_secret_again_for_any_config_change(
+    staff: Client, settings
+) -> None:
+    settings.TOKENS_GENERATORS = {"webhook": "tests.test_admin.Webhook"}
+    provider = make_provider("hook", kind="webhook", config={"url": "https://a.example/t"})
+    url = f"/admin/tokens/provider/{provider.pk}/change/"
+    moved = form_data(name="hook", kind="webhook", config='{"url": "https://evil.example/t"}')
+    response = staff.post(url, {**moved, "secret": ""})
+    assert response.status_code == 200
+    assert "secret" in response.context["adminform"].form.errors
+    assert Provider.objects.get(pk=provider.pk).config == {"url": "https://a.example/t"}
+
+
+def test_change__a_rename_needs_the_secret_again_and_voids_the_tokens(
+    staff: Client, django_capture_on_commit_callbacks
+) -> None:
+    """The name is where the application sends the tokens (get_token(name)): swapping names
+    would send one API's tokens to another."""
+    provider = make_provider("payments", kind="static", secret=SECRET)
+    services.token_refresh(provider_id=provider.pk)
+    version = ProviderState.objects.get(provider=provider).current_version
+    url = f"/admin/tokens/provider/{provider.pk}/change/"
+    renamed = form_data(name="partner", kind="static", config="{}")
+    response = staff.post(url, {**renamed, "secret": ""})
+    assert response.status_code == 200
+    assert "secret" in response.context["adminform"].form.errors
+    with django_capture_on_commit_callbacks(execute=False):
+        assert staff.post(url, {**renamed, "secret": "typed-again"}).status_code == 302
+    state = ProviderState.objects.get(provider=provider)
+    assert state.current_version > version and not state.fingerprint  # the old token is void
+
+
+def test_refresh_now__repeated_clicks_queue_one_refresh(
+    staff: Client, django_capture_on_commit_callbacks
+) -> None:
+    provider = make_provider("payments", kind="static", secret=SECRET)
+    with django_capture_on_commit_callbacks() as callbacks:
+        for _ in range(5):
+            response = staff.post(f"/admin/tokens/provider/{provider.pk}/refresh/", follow=True)
+    assert len(callbacks) == 1
+    assert "a refresh was queued moments ago" in str(list(response.context["messages"])[-1])
+
+
+def test_refresh_now__of_a_failing_provider_goes_to_the_scheduled_lane(
+    staff: Client, django_capture_on_commit_callbacks
+) -> None:
+    """Its endpoint may hang: somebody's "Refresh now" must not hold up the urgent lane."""
+    from django.conf import settings as django_settings
+
+    broker = redis.Redis.from_url(django_settings.CELERY_BROKER_URL)
+    healthy = make_provider("healthy", kind="static", secret=SECRET)
+    failing = make_provider("failing", kind="static", secret=SECRET)
+    ProviderState.objects.filter(provider=failing).update(consecutive_failures=2)
+    broker.delete("tokens.urgent", "tokens.scheduled")
+    with django_capture_on_commit_callbacks(execute=True):
+        for provider in (healthy, failing):
+            staff.post(f"/admin/tokens/provider/{provider.pk}/refresh/")
+    assert broker.llen("tokens.urgent") == 1
+    assert broker.llen("tokens.scheduled") == 1

@@ -259,3 +259,29 @@ def test_get_token__a_megabyte_name_is_unknown_at_once_and_not_repeated() -> Non
     with pytest.raises(UnknownProvider) as caught:
         get_token("y" * 100, timeout=60)  # a name that could exist is looked up
     assert len(str(caught.value)) < 150
+
+
+def test_get_token__a_renamed_providers_late_write_is_never_served_under_its_old_name() -> None:
+    """A refresh (or reader) of a provider still in flight when it is renamed cannot cache its
+    token under the old name: the rename voids its tokens (the store is fenced out), and the old
+    name's Redis fence is raised out of reach for a lock TTL instead of being reset."""
+    old = refreshed("payments")
+    old_version = Token.objects.get(provider=old).version
+    old.name = "payments-old"
+    old.save()
+    assert ProviderState.objects.get(provider=old).current_version > old_version
+    late = store.CachedToken(
+        provider_id=old.pk,
+        version=old_version + 50,
+        value="OLD-PROVIDER-LATE",
+        token_type="Bearer",
+        expires_at=time.time() + 3600,
+        refresh_at=None,
+    )
+    assert not store.put("payments", late, now=time.time(), publish=True)
+    newcomer = make_provider("payments", kind="static", secret="NEW-PROVIDER-TOKEN")
+    services.token_refresh(provider_id=newcomer.pk, reason=Reason.MANUAL)
+    notify.memory.clear()
+    assert get_token("payments") == "NEW-PROVIDER-TOKEN"
+    services.token_refresh(provider_id=old.pk, reason=Reason.MANUAL)
+    assert get_token("payments-old").startswith("payments-old-token-")

@@ -25,8 +25,8 @@ def kinds_help() -> str:
 
 class ProviderForm(forms.ModelForm):
     """The secret is write-only: never rendered back. Left blank, the stored one is kept, but
-    only while it would go where it went before (same kind, same token endpoint origin, same
-    trusted CAs): pointing a provider somewhere else requires entering the secret again."""
+    only while it would go where it went before (same name, same kind, same token endpoint
+    origin, same trusted CAs): pointing a provider somewhere else requires the secret again."""
 
     secret = forms.CharField(
         required=False,
@@ -62,15 +62,17 @@ class ProviderForm(forms.ModelForm):
 
     def clean(self) -> dict[str, Any]:
         cleaned: dict[str, Any] = super().clean() or {}
-        if self._secret_kept and "kind" in cleaned and "config" in cleaned:
+        if self._secret_kept and {"name", "kind", "config"} <= set(cleaned):
             stored = Provider.objects.filter(pk=self.instance.pk).first()
-            if stored is not None and stored.secret_destination() != secret_destination(
-                cleaned["kind"], cleaned["config"]
-            ):
+            # The name is where the application sends the tokens (get_token(name)); the kind
+            # and config are where the generator sends the secret.
+            before = (stored.name, stored.secret_destination()) if stored else None
+            after = (cleaned["name"], secret_destination(cleaned["kind"], cleaned["config"]))
+            if stored is not None and before != after:
                 self.add_error(
                     "secret",
-                    "Enter the secret again: the kind, the token endpoint's origin or the "
-                    "trusted CAs changed, and a stored secret is only ever sent where it was "
-                    "entered for.",
+                    "Enter the secret again: the name, the kind, the token endpoint's origin "
+                    "or the trusted CAs changed, and a stored secret is only ever used where "
+                    "it was entered for.",
                 )
         return cleaned

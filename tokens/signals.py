@@ -15,8 +15,10 @@ from django.dispatch import receiver
 from tokens import services
 from tokens.models import Provider
 
-# What a token depends on: changing any of these voids the tokens issued so far.
-TOKEN_INPUTS = ("kind", "config", "secret")
+# What a token depends on: changing any of these voids the tokens issued so far. The name too:
+# it is where the application sends the tokens, and a refresh in flight under the old name
+# must not store (and cache) a token for it.
+TOKEN_INPUTS = ("name", "kind", "config", "secret")
 
 
 @receiver(pre_save, sender=Provider, dispatch_uid="tokens.provider.pre_save")

@@ -6,6 +6,7 @@ Keys (prefix TOKENS_REDIS_PREFIX, default "tokens"):
   <p>:lock:<id>       refresh lock, TTL TOKENS_LOCK_TTL
   <p>:pending:<id>    a refresh was requested by a reader, TTL TOKENS_PENDING_TTL
   <p>:inval:<id>      the token was voided by invalidate_token(), TTL TOKENS_INVALIDATE_COOLDOWN
+  <p>:manual:<id>     an operator asked for a refresh, TTL TOKENS_HTTP_TIMEOUT
   <p>:events          pub/sub channel: {"n": name, "v": version, "e": "stored"|"changed"}
 """
 
@@ -169,11 +170,22 @@ def invalidate(name: str, version: int) -> bool:
     return bool(_run_script(script, [([_key("tok", name), _key("ver", name)], args)])[0])
 
 
+# Versions are per provider: a name's fence cannot simply be reset when its provider goes (a
+# refresh or reader of the old provider still in flight could then cache its token under the
+# name). It is raised out of reach for as long as such a write can be in flight (the lock TTL),
+# then vanishes, and the name's next provider starts from its own versions.
+TOMBSTONE = 2**62
+
+
 def forget(name: str) -> None:
-    """Remove every key of a deleted provider and tell the other processes."""
-    c = client()
-    c.delete(_key("tok", name), _key("ver", name))
-    c.publish(channel(), json.dumps({"n": name, "v": 0, "e": "changed"}))
+    """Drop the cached token of a provider that no longer has ``name`` (deleted or renamed),
+    fence out late writes under the name for a lock TTL, and tell the other processes."""
+    ttl_ms = max(1000, int(tokens_settings.seconds("LOCK_TTL") * 1000))
+    pipe = client().pipeline(transaction=True)
+    pipe.delete(_key("tok", name))
+    pipe.set(_key("ver", name), TOMBSTONE, px=ttl_ms)
+    pipe.publish(channel(), json.dumps({"n": name, "v": 0, "e": "changed"}))
+    pipe.execute()
 
 
 def refresh_lock(provider_id: int) -> Lock:
@@ -261,7 +273,7 @@ def clear_pending(provider_id: int) -> None:
     client().delete(_key("pending", provider_id))
 
 
-def claim_invalidation(provider_id: int, seconds: float) -> bool:
-    """Claim the right to void ``provider_id``'s token for ``seconds``; False if claimed."""
+def claim(kind: str, provider_id: int, seconds: float) -> bool:
+    """Claim ``kind`` ("inval", "manual") for ``provider_id`` for ``seconds``; False if taken."""
     ttl_ms = max(1, int(seconds * 1000))
-    return bool(client().set(_key("inval", provider_id), "1", nx=True, px=ttl_ms))
+    return bool(client().set(_key(kind, provider_id), "1", nx=True, px=ttl_ms))

@@ -81,8 +81,10 @@ class Generator:
 
     def secret_destination(self, config: Mapping[str, Any]) -> object:
         """Where the secret goes for this config; a stored secret is kept on an edit (left
-        blank) only while this stays the same. Subclasses that send it somewhere narrow it."""
-        return self.kind
+        blank) only while this stays the same. By default the whole config: any change needs
+        the secret again. A kind that knows which keys decide where the secret goes (say, the
+        token endpoint's origin) narrows it."""
+        return (self.kind, json.dumps(config, sort_keys=True, default=str))
 
 
 def check_generated(token: GeneratedToken) -> GeneratedToken:

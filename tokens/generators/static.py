@@ -31,5 +31,8 @@ class StaticGenerator(Generator):
                 f"(at most {MAX_TOKEN_LENGTH} characters)",
             )
 
+    def secret_destination(self, config: Mapping[str, Any]) -> object:
+        return self.kind  # the token goes wherever the application sends it, config or not
+
     def generate(self, provider: Provider) -> GeneratedToken:
         return GeneratedToken(access_token=provider.secret, token_type="Bearer", expires_at=None)
