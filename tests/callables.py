@@ -60,8 +60,10 @@ def exits(provider: Any) -> str:
 
 
 def sleeps(provider: Any) -> str:
-    """Sleeps for test:sleep:<name> seconds (default 60), counting its calls in Redis."""
+    """Sleeps for test:sleep:<name> seconds (default 60), counting its calls in Redis, and
+    marks test:done:<name> when it returns."""
     client = redis.Redis.from_url(os.environ["REDIS_URL"])
     client.incr(f"test:calls:{provider.name}")
     time.sleep(float(client.get(f"test:sleep:{provider.name}") or 60))
+    client.set(f"test:done:{provider.name}", "1")
     return f"{provider.name}-slept"

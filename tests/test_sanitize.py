@@ -8,11 +8,12 @@ import json
 import os
 from urllib.parse import quote, quote_plus
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.leaks import leaked
-from tokens.sanitize import FRAGMENT, MAX_ERROR_LENGTH, REDACTED, scrub
+from tokens.sanitize import FRAGMENT, MAX_ERROR_LENGTH, REDACTED, echoes, scrub
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", 300))
 SECRET = "s3cr3t-client-secret-VALUE-9f8e7d"
@@ -80,3 +81,38 @@ def test_scrub__a_long_text_is_scrubbed_before_it_is_cut() -> None:
     for position in range(0, 20_000, 997):
         text = "y" * position + SECRET + "z" * 50
         assert leaked(scrub(text, [SECRET], limit=100_000), SECRET) == set(), position
+
+
+RANDOM_SECRET = "Zq8Xw3Lr9Tn2Vb6Kp4Hs7Dm1"  # what real client secrets look like
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        RANDOM_SECRET.upper(),
+        RANDOM_SECRET.lower(),
+        RANDOM_SECRET.encode().hex(),
+        RANDOM_SECRET.encode().hex().upper(),
+        quote(quote(RANDOM_SECRET + "/+=", safe=""), safe=""),  # URL-encoded twice
+        "".join(f"&#{ord(c)};" for c in RANDOM_SECRET),  # numeric HTML entities
+        base64.b64encode(
+            b"Basic " + base64.b64encode(f"client:{RANDOM_SECRET}".encode())
+        ).decode(),  # base64 of the Basic header
+        f"{RANDOM_SECRET[:7]}****{RANDOM_SECRET[-7:]}",  # masked but for each end
+    ],
+)
+def test_echoes__an_issuer_text_holding_the_secret_in_an_unforeseen_form_is_detected(
+    echo: str,
+) -> None:
+    """What redaction cannot find, detection does: the issuer's description is then withheld."""
+    assert echoes(f"invalid client ({echo})", [RANDOM_SECRET])
+
+
+def test_echoes__ordinary_descriptions_are_kept() -> None:
+    for text in (
+        "The client credentials are invalid",
+        "client_id 3f2a1b6c-0d4e-4c8f-9a7b-1e2d3c4b5a69 is unknown",
+        "scope payments:write is not allowed for this client",
+        "",
+    ):
+        assert not echoes(text, [RANDOM_SECRET]), text

@@ -14,6 +14,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTa
 from pytest_httpserver import HTTPServer
 
 from tests.factories import SECRET, make_provider, oauth2_config
+from tests.processes import wait_for
 from tokens import crypto, services, store
 from tokens.models import Provider, ProviderState, Token
 from tokens.services import Outcome, Reason
@@ -181,7 +182,11 @@ def test_refresh__error_text_never_holds_the_secret(httpserver: HTTPServer) -> N
     result = services.token_refresh(provider_id=provider.pk)
     assert SECRET not in str(result.error)
     assert SECRET not in state(provider).last_error
-    assert "[redacted]" in state(provider).last_error
+    # The issuer echoed the secret: its description is withheld whole, the error code kept.
+    assert state(provider).last_error == (
+        "permanent: token endpoint answered HTTP 401 with error 'invalid_client': "
+        "[the issuer's description is withheld: it echoed a credential]"
+    )
 
 
 def test_refresh__invalid_config_saved_through_the_orm_is_a_permanent_error() -> None:
@@ -610,7 +615,7 @@ def test_batch__a_callable_that_hangs_is_given_up_and_keeps_its_lock(
     """A call still running HTTP_TIMEOUT after the batch's budget is reported failed, and its
     provider's lock is kept until it expires, so no second call can overlap the first."""
     settings.TOKENS_HTTP_TIMEOUT = 0.5
-    redis_client.set("test:sleep:stuck", "3")
+    redis_client.set("test:sleep:stuck", "2")
     stuck = make_provider("stuck", kind="callable", config={"path": "tests.callables.sleeps"})
     fine = make_provider("fine", kind="callable", config={"path": "tests.callables.mapping"})
     started = time.monotonic()
@@ -621,6 +626,13 @@ def test_batch__a_callable_that_hangs_is_given_up_and_keeps_its_lock(
     assert "did not return within" in state(stuck).last_error
     assert redis_client.exists(f"tokens:lock:{stuck.pk}")  # held until its TTL
     assert not redis_client.exists(f"tokens:lock:{fine.pk}")
+    # While the given-up call runs on, this process begins no second call of that provider,
+    # not even once its lock has expired.
+    redis_client.delete(f"tokens:lock:{stuck.pk}")
+    assert services.token_refresh(provider_id=stuck.pk, reason=Reason.MANUAL).outcome == (
+        Outcome.IN_FLIGHT
+    )
+    wait_for(lambda: redis_client.exists("test:done:stuck"), 10, message="the call to return")
 
 
 def test_refresh__readers_ask_again_only_after_the_cooldown(

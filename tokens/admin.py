@@ -287,7 +287,13 @@ class ProviderAdmin(admin.ModelAdmin):
                 request, f"{provider.name}: disabled, not refreshed.", messages.WARNING
             )
             return
-        services.refresh_enqueue(provider_id=provider.pk)
+        if not services.refresh_for_operator(provider_id=provider.pk):
+            self.message_user(
+                request,
+                f"{provider.name}: a refresh was queued moments ago; not queued again.",
+                messages.WARNING,
+            )
+            return
         self.message_user(request, f"{provider.name}: refresh queued.", messages.SUCCESS)
 
     @admin.action(description="Enable", permissions=["change"])

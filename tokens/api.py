@@ -135,7 +135,7 @@ def _invalidation_allowed(provider_id: int) -> bool:
     if cooldown <= 0:
         return True
     try:
-        return store.claim_invalidation(provider_id, cooldown)
+        return store.claim("inval", provider_id, cooldown)
     except store.StoreError:
         now = time.monotonic()
         if now - _local_invalidations.get(provider_id, -math.inf) < cooldown:

@@ -4,17 +4,22 @@ An issuer may echo what it was sent: the client secret as it is, URL-encoded (a 
 JSON- or HTML-escaped, inside base64 (a ``Basic`` header of ``client_id:secret``), or cut short
 by its own length limit. ``scrub`` removes every one of those forms, and any run of
 FRAGMENT or more characters of them, *before* the text is cut to length, so that no cut can
-leave a piece of a secret behind.
+leave a piece of a secret behind. And since an issuer may encode it in ways no list foresees
+(upper case, hex, twice over, masked but for a few characters at each end), ``echoes`` looks
+at every decoded view of the issuer's free text: if any holds a run of DETECT characters of a
+secret, the text is withheld whole.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import html
 import json
-from collections.abc import Iterable
-from urllib.parse import quote, quote_plus
+import re
+from collections.abc import Iterable, Iterator
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 MAX_ERROR_LENGTH = 300
 # A run of this many characters of a secret (in any of its forms) is redacted wherever it is.
@@ -44,6 +49,11 @@ def _base64_cores(data: bytes) -> set[str]:
     return cores
 
 
+def _lower_escapes(text: str) -> str:
+    """Percent-escapes in lower case, as .NET's HttpUtility.UrlEncode writes them."""
+    return re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), text)
+
+
 def forms_of(secret: str) -> set[str]:
     """Every form in which ``secret`` may come back: as is, URL-encoded (as needed, or every
     byte), JSON- and HTML-escaped, and inside base64 (of itself and of those forms)."""
@@ -56,6 +66,10 @@ def forms_of(secret: str) -> set[str]:
         html.escape(secret),
         "".join(f"%{byte:02X}" for byte in secret.encode()),
         "".join(f"%{byte:02x}" for byte in secret.encode()),
+        _lower_escapes(quote(secret, safe="")),
+        _lower_escapes(quote_plus(secret, safe="")),
+        quote(secret, safe="").replace("~", "%7E"),  # Java's URLEncoder
+        quote_plus(secret, safe="").replace("~", "%7E"),
     }
     forms = set(plain)
     for text in plain:
@@ -123,6 +137,74 @@ def scrub(text: str, secrets: Iterable[str | None], *, limit: int = MAX_ERROR_LE
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return text
+
+
+# The issuer's free text is withheld whole when any decoded view of it holds a run of this many
+# characters of a secret, whatever the letter case: it echoed something it should not have.
+DETECT = 6
+WITHHELD = "[the issuer's description is withheld: it echoed a credential]"
+_RUNS = re.compile(r"[A-Za-z0-9+/=_-]{12,}")
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2}){6,}")
+
+
+def _decoded(text: str) -> Iterator[str]:
+    """``text`` and what it says once decoded: percent-escapes and HTML entities (repeatedly),
+    and each run that reads as base64 (twice over) or hex."""
+    seen = {text}
+    frontier = [text]
+    for _ in range(3):
+        unwrapped = []
+        for view in frontier:
+            for decoded in (unquote_plus(view), unquote(view), html.unescape(view)):
+                if decoded not in seen:
+                    seen.add(decoded)
+                    unwrapped.append(decoded)
+        frontier = unwrapped
+    for view in list(seen):
+        for run in _RUNS.findall(view):
+            for inner in _from_base64(run):
+                seen.add(inner)
+                seen.update(_from_base64_runs(inner))
+        for run in _HEX.findall(view):
+            seen.add(bytes.fromhex(run).decode("latin-1"))
+    yield from seen
+
+
+def _from_base64(run: str) -> list[str]:
+    out = []
+    for altchars in (b"+/", b"-_"):
+        for skip in range(4):  # the run may start mid-group
+            chunk = run[skip:].rstrip("=")
+            chunk = chunk[: len(chunk) - len(chunk) % 4] if len(chunk) % 4 == 1 else chunk
+            try:
+                raw = base64.b64decode(chunk + "=" * (-len(chunk) % 4), altchars=altchars)
+            except (binascii.Error, ValueError):
+                continue
+            out.append(raw.decode("latin-1"))
+    return out
+
+
+def _from_base64_runs(text: str) -> list[str]:
+    return [inner for run in _RUNS.findall(text) for inner in _from_base64(run)]
+
+
+def echoes(text: str, secrets: Iterable[str | None]) -> bool:
+    """Whether ``text``, in any letter case and once decoded (percent-escapes, HTML entities,
+    base64, hex), holds a run of DETECT characters of one of ``secrets``."""
+    grams: set[str] = set()
+    for secret in secrets:
+        if secret and len(secret) >= SHORTEST:
+            folded = secret.casefold()
+            grams.update(folded[i : i + DETECT] for i in range(max(1, len(folded) - DETECT + 1)))
+    if not grams or not text:
+        return False
+    for view in _decoded(text[: WINDOW * 2]):
+        folded = view.casefold()
+        if any(folded[i : i + DETECT] in grams for i in range(len(folded) - DETECT + 1)):
+            return True
+        if any(gram in folded for gram in grams if len(gram) < DETECT):
+            return True
+    return False
 
 
 def shorten(text: str, limit: int = 100) -> str:

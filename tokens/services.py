@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from billiard.common import (  # type: ignore[attr-defined]
     terminate_handler_fired as billiard_terminating,
 )
-from django.db import connections, router, transaction
+from django.db import DatabaseError, connections, router, transaction
 from django.db.models import (
     Case,
     DateTimeField,
@@ -38,7 +38,7 @@ from tokens.exceptions import TIME_LIMITS, GeneratorError, KeyRotationRefused
 from tokens.generators import GeneratedToken, get_generator
 from tokens.generators.base import check_generated
 from tokens.models import Provider, ProviderState, Token
-from tokens.sanitize import scrub
+from tokens.sanitize import WITHHELD, echoes, scrub
 from tokens.status import state_or_none
 
 logger = logging.getLogger("tokens.refresh")
@@ -173,16 +173,31 @@ class _Attempt:
     generated: GeneratedToken | None = None
     error: GeneratorError | None = None
     finished: float | None = None
+    thread: threading.Thread | None = None
 
     @property
     def duration(self) -> float:
         return (self.finished or time.monotonic()) - self.started
 
 
+# Generator calls given up while still running, by provider: no second call of a provider is
+# begun in this process while its first still runs (a callable that never returns costs one
+# thread, not one per attempt).
+_abandoned: dict[int, threading.Thread] = {}
+
+
 def _refresh_due(
     providers: list[Provider], deadline: float | None, held: dict[int, str] | None
 ) -> dict[int, RefreshResult]:
     results: dict[int, RefreshResult] = {}
+    for pid, thread in list(_abandoned.items()):
+        if not thread.is_alive():
+            del _abandoned[pid]
+    still = [p for p in providers if p.pk in _abandoned]
+    results.update((p.pk, RefreshResult(Outcome.IN_FLIGHT)) for p in still)
+    providers = [p for p in providers if p.pk not in _abandoned]
+    if not providers:
+        return results
     fences = _next_fences([p.pk for p in providers])
     gone = [p for p in providers if p.pk not in fences]  # deleted since they were read
     results.update((p.pk, RefreshResult(Outcome.MISSING)) for p in gone)
@@ -236,6 +251,7 @@ def _run_generators(
             if deadline is not None and time.monotonic() >= deadline:
                 return None  # not begun: the caller hands it on
             attempt = _Attempt(provider, fences[provider.pk], timezone.now(), time.monotonic())
+            attempt.thread = threading.current_thread()
             started.append(attempt)
         try:
             return _attempt(attempt)
@@ -287,6 +303,8 @@ def _give_up(attempt: _Attempt, error: GeneratorError, held: dict[int, str] | No
     attempt.finished = attempt.finished or time.monotonic()
     if held is not None:
         held.pop(attempt.provider.pk, None)
+    if attempt.thread is not None and attempt.thread is not threading.current_thread():
+        _abandoned[attempt.provider.pk] = attempt.thread
 
 
 def _stopped_by_time_limit(attempts: list[_Attempt], held: dict[int, str] | None) -> None:
@@ -630,8 +648,12 @@ def _record_failure(
     metrics.REFRESH_FAILURES.labels(provider.name, error.kind).inc()
     # The issuer's words (detail) may echo the secret in any encoding: scrubbed with it and the
     # provider's recent tokens before anything is cut, stored or logged.
-    text = f"{error.kind}: {error}" + (f": {error.detail}" if error.detail else "")
-    message = scrub(text, [provider.secret, *_known_tokens(provider)])
+    secrets = [provider.secret, *_known_tokens(provider)]
+    detail = error.detail
+    if detail and echoes(detail, secrets):
+        detail = WITHHELD
+    text = f"{error.kind}: {error}" + (f": {detail}" if detail else "")
+    message = scrub(text, secrets)
     failures = state.consecutive_failures + 1
     if error.transient:
         retry_in: float | None = retry_delay(failures, error.retry_after)
@@ -670,7 +692,8 @@ def _record_failure(
 
 
 def _known_tokens(provider: Provider) -> list[str]:
-    return [token.value for token in Token.objects.filter(provider=provider)[:3]]
+    """Every token of the provider still stored (TOKENS_HISTORY): any may be echoed back."""
+    return [token.value for token in Token.objects.filter(provider=provider)]
 
 
 # ---------------------------------------------------------------------------- invalidation
@@ -729,14 +752,49 @@ def refresh_enqueue(*, provider_id: int, reason: Reason = Reason.MANUAL) -> None
     """Queue a refresh once the current transaction commits (at once outside one)."""
     from tokens.tasks import enqueue
 
-    transaction.on_commit(lambda: enqueue(provider_id, reason, expires=_message_ttl()))
+    transaction.on_commit(
+        lambda: enqueue(
+            provider_id, reason, expires=_message_ttl(), failing=_is_failing(provider_id)
+        )
+    )
 
 
 def refresh_for_reader(*, provider_id: int) -> None:
     """Queue a refresh now, without the broker's publish retries (a reader is waiting)."""
     from tokens.tasks import enqueue
 
-    enqueue(provider_id, Reason.READER, expires=_message_ttl(), retry=False)
+    enqueue(
+        provider_id,
+        Reason.READER,
+        expires=_message_ttl(),
+        retry=False,
+        failing=_is_failing(provider_id),
+    )
+
+
+def refresh_for_operator(*, provider_id: int) -> bool:
+    """Queue an operator's "Refresh now", at most once per provider per TOKENS_HTTP_TIMEOUT
+    (repeated clicks, or a script posting them, cannot queue a refresh each); False when one
+    was asked for moments ago."""
+    try:
+        claimed = store.claim("manual", provider_id, tokens_settings.seconds("HTTP_TIMEOUT"))
+    except store.StoreError:
+        claimed = True  # without Redis there is no claim; the lock still serializes refreshes
+    if claimed:
+        refresh_enqueue(provider_id=provider_id)
+    return claimed
+
+
+def _is_failing(provider_id: int) -> bool:
+    """Whether the provider's last refresh failed: its refreshes then go to the scheduled lane
+    even when somebody waits for them, so that a hanging endpoint never holds up the urgent
+    lane (first tokens of healthy providers, the dispatcher)."""
+    try:
+        return ProviderState.objects.filter(
+            provider_id=provider_id, consecutive_failures__gt=0
+        ).exists()
+    except DatabaseError:
+        return False
 
 
 def _message_ttl() -> float:

@@ -66,20 +66,21 @@ def refresh_batch(self: Task, provider_ids: list[int]) -> None:
             enqueue_batch(left, due=due)
 
 
-def lane(reason: Reason) -> dict[str, str]:
+def lane(reason: Reason, *, failing: bool = False) -> dict[str, str]:
     """The queue of a refresh sent for ``reason``: somebody waits for MANUAL and READER ones
-    (the urgent queue); the schedule's and retries go where slow endpoints may queue up."""
-    urgent = reason in (Reason.MANUAL, Reason.READER)
+    (the urgent queue), unless the provider is failing (its endpoint may hang: it must not hold
+    up the others); the schedule's and retries go where slow endpoints may queue up."""
+    urgent = reason in (Reason.MANUAL, Reason.READER) and not failing
     queue = tokens_settings.QUEUE_URGENT if urgent else tokens_settings.QUEUE_SCHEDULED
     return {"queue": queue} if queue else {}
 
 
-def enqueue(provider_id: int, reason: Reason, **options: Any) -> None:
+def enqueue(provider_id: int, reason: Reason, *, failing: bool = False, **options: Any) -> None:
     """Send a refresh of ``provider_id`` for ``reason`` (options go to apply_async)."""
     refresh_token.apply_async(
         args=(provider_id,),
         headers={REASON_HEADER: str(reason)},
-        **{**lane(reason), **options},
+        **{**lane(reason, failing=failing), **options},
     )
 
 

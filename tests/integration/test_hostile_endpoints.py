@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
+from django.contrib.auth.models import Permission, User
+from django.test import Client
 from pytest_httpserver import HTTPServer
 
 from tests.factories import make_provider, oauth2_config
@@ -64,13 +66,22 @@ def lanes(tmp_path: Path, django_db_setup: None) -> Iterator[list[Process]]:
         process.stop()
 
 
+def refresher() -> User:
+    user = User.objects.create_user("refresher", password="pw", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_provider", "refresh_provider"])
+    )
+    return user
+
+
 def test_no_starvation__a_new_provider_gets_its_first_token_while_endpoints_hang(
     lanes: list[Process], beat, httpserver: HTTPServer
 ) -> None:
     """Four endpoints trickle a byte every 0.3 s (each refresh costs its whole deadline, and they
-    fall due every second); the workers run as in the Procfile (two of each). A provider added
-    meanwhile gets its first token within 2 x TOKENS_HTTP_TIMEOUT, and the dispatcher keeps
-    running (none of its messages expires)."""
+    fall due every second) and an operator posts "Refresh now" for them twenty times; the
+    workers run as in the Procfile (two of each). A provider added meanwhile gets its first token
+    within 2 x TOKENS_HTTP_TIMEOUT, and the dispatcher keeps running (none of its messages
+    expires)."""
     hanging = [HostileEndpoint(trickle(0.3, total=30)) for _ in range(4)]
     try:
         providers = [
@@ -86,6 +97,12 @@ def test_no_starvation__a_new_provider_gets_its_first_token_while_endpoints_hang
             message="every hanging provider to have failed once",
         )
         time.sleep(HTTP_TIMEOUT)  # the scheduled lane is busy with their batches and retries
+        # An operator (or a script with the refresh permission) keeps asking for refreshes of
+        # the hanging ones: each is asked for at most once per deadline, on the scheduled lane.
+        operator = Client()
+        operator.force_login(refresher())
+        for i in range(20):
+            operator.post(f"/admin/tokens/provider/{providers[i % 2].pk}/refresh/")
         healthy = TokenEndpoint(httpserver)
         started = time.monotonic()
         provider = make_provider("healthy", config=oauth2_config(healthy.url))
