@@ -36,6 +36,13 @@ def _header(token: str, token_type: str) -> str:
     return f"{token_type} {token}"
 
 
+def _rejects(status: int, url: object, headers: Any, home: object, token: str) -> bool:
+    """Whether a response rejects ``token``: a 401 from the token's own origin to a request
+    that carried it."""
+    sent = str(headers.get("Authorization") or "")
+    return status == 401 and origin(url) == home and sent.endswith(f" {token}")
+
+
 class HttpxTokenAuth(httpx.Auth):
     """``httpx.Client(auth=HttpxTokenAuth("payments"))``; works with AsyncClient too."""
 
@@ -48,8 +55,9 @@ class HttpxTokenAuth(httpx.Auth):
         token, token_type = get_token_with_type(self.provider, timeout=self.timeout)
         request.headers["Authorization"] = _header(token, token_type)
         response = yield request
-        # After redirects, the response may come from elsewhere: its 401 says nothing of ours.
-        if response.status_code == 401 and origin(response.url) == home:
+        # After redirects the response may come from elsewhere, or from home by a request that
+        # no longer carried our header (dropped on the way): such a 401 says nothing of ours.
+        if _rejects(response.status_code, response.url, response.request.headers, home, token):
             invalidate_token(self.provider, token)
             fresh, token_type = get_token_with_type(self.provider, timeout=self.timeout)
             if fresh != token:
@@ -63,7 +71,7 @@ class HttpxTokenAuth(httpx.Auth):
         token, token_type = await aget_token_with_type(self.provider, timeout=self.timeout)
         request.headers["Authorization"] = _header(token, token_type)
         response = yield request
-        if response.status_code == 401 and origin(response.url) == home:
+        if _rejects(response.status_code, response.url, response.request.headers, home, token):
             await ainvalidate_token(self.provider, token)
             fresh, token_type = await aget_token_with_type(self.provider, timeout=self.timeout)
             if fresh != token:
@@ -89,8 +97,10 @@ class RequestsTokenAuth(requests.auth.AuthBase):
             if response.status_code != 401 or getattr(response.request, "_tokens_retry", False):
                 return response
             # requests runs this hook for every hop of a redirect too: a 401 from another
-            # origin is not about our token, and must not be answered with a fresh one.
-            if origin(response.request.url) != home:
+            # origin, or to a request that no longer carried our header, is not about our
+            # token, and must not be answered with a fresh one.
+            headers = response.request.headers
+            if not _rejects(401, response.request.url, headers, home, sent_token):
                 return response
             invalidate_token(self.provider, sent_token)
             token, token_type = get_token_with_type(self.provider, timeout=self.timeout)

@@ -189,3 +189,22 @@ def test_helper__20_page_loads_against_an_api_rejecting_every_token_cost_one_ref
         assert status == 401
     calls = int(redis_client.get("test:calls:api"))
     assert calls == 2  # the first token, and one refresh after the first 401
+
+
+@pytest.mark.parametrize("client", list(CLIENTS))
+def test_helper__a_401_home_after_a_detour_that_dropped_the_header_voids_nothing(
+    api: ProtectedApi, httpserver: HTTPServer, elsewhere: HTTPServer, redis_client, client: str
+) -> None:
+    """A -> B -> A: the header is dropped at B, so A's 401 is about a request without our
+    token; it must not void it (nor earn a retry)."""
+    httpserver.expect_request("/detour").respond_with_data(
+        "", status=302, headers={"Location": elsewhere.url_for("/bounce")}
+    )
+    elsewhere.expect_request("/bounce").respond_with_data(
+        "", status=302, headers={"Location": httpserver.url_for("/home")}
+    )
+    httpserver.expect_request("/home").respond_with_data("who are you", status=401)
+    token = Token.objects.get(provider__name="api")
+    assert call_following_redirects(client, httpserver.url_for("/detour")) == 401
+    assert int(redis_client.get("test:calls:api")) == 1  # no refresh was caused
+    assert ProviderState.objects.get(provider__name="api").current_version == token.version

@@ -30,3 +30,28 @@ def test_events__name_args_and_result_of_a_refresh(worker: Process, httpserver: 
     assert received[0]["args"] == f"({provider.pk},)"
     assert received[0]["kwargs"] == "{}"
     assert succeeded[0]["result"] == "None"
+
+
+def test_flower_config_tab__shows_no_credential_in_any_url(tmp_path, django_db_setup: None) -> None:
+    """Flower's Config tab is the workers' ``inspect conf``: Celery masks the broker's URL and
+    keys named like secrets, not REDIS_URL or a cache's LOCATION; the project's own ``conf``
+    command masks credentials in every URL."""
+    import json
+
+    from django.conf import settings
+
+    from project.celery import app
+    from tests.processes import start_worker
+
+    # Redis's default user takes any password while none is set: a URL with one still works.
+    with_password = settings.REDIS_URL.replace("redis://", "redis://default:hunter2-flower@", 1)
+    process = start_worker(tmp_path, hostname="conf", REDIS_URL=with_password)
+    try:
+        replies = app.control.inspect(timeout=5).conf() or {}
+    finally:
+        process.stop()
+    answers = [reply for name, reply in replies.items() if name.startswith("conf@")]
+    assert len(answers) == 1, list(replies)
+    assert answers[0]["REDIS_URL"].startswith("redis://default:**@")
+    assert answers[0]["CACHES"]["default"]["LOCATION"].startswith("redis://default:**@")
+    assert "hunter2-flower" not in json.dumps(answers[0])
