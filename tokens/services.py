@@ -310,7 +310,8 @@ def _give_up(attempt: _Attempt, error: GeneratorError, held: dict[int, str] | No
 def _stopped_by_time_limit(attempts: list[_Attempt], held: dict[int, str] | None) -> None:
     """The task's time limit stopped these calls: not the generators' failure, and not to be
     retried at once. Each is recorded as a transient failure that waits at least as long as it
-    ran, and readers are held off as long; its lock is kept (it expires by its TTL)."""
+    ran, and readers are held off as long. A pool's calls run on: their locks (``held``) are
+    kept until they expire."""
     results = {}
     for attempt in attempts:
         _give_up(
