@@ -24,13 +24,23 @@ VENV = Path(os.environ.get("TOKENS_VENV", ROOT / ".venv"))
 COMMANDS = {"run": "", "test": "dev", "lint": "dev", "bench": "dev"}
 
 
+def install_stamps(digest: str, extra: str) -> tuple[list[Path], Path]:
+    """The stamps that show what ``extra`` needs is installed, and the one to leave after
+    installing it: "dev" (tests, linters) includes the runtime, not the other way round."""
+    installed = VENV / f".tokens-installed-{digest}-{extra or 'runtime'}"
+    enough = [VENV / f".tokens-installed-{digest}-dev"]
+    if extra != "dev":
+        enough.append(installed)
+    return enough, installed
+
+
 def ensure_venv(extra: str) -> Path:
     python = VENV / "bin" / "python"
     if not python.exists():
         print(f"dev: creating virtualenv {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
-    stamps = [VENV / f".tokens-installed-{digest}-{name}" for name in ("dev", extra) if name]
+    stamps, installed = install_stamps(digest, extra)
     if not any(stamp.exists() for stamp in stamps):
         target = f".[{extra}]" if extra else "."
         print(f"dev: installing the project ({target}) into {VENV}", flush=True)
@@ -42,7 +52,7 @@ def ensure_venv(extra: str) -> Path:
         )
         for old in VENV.glob(".tokens-installed-*"):
             old.unlink()
-        stamps[-1].touch()
+        installed.touch()
     return python
 
 

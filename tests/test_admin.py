@@ -256,6 +256,8 @@ def test_view_only__sees_the_pages_without_the_secret_and_can_change_nothing(
     html = change.content.decode()
     assert "stored (write-only: never shown)" in html
     assert 'id="tokens-refresh-now"' not in html
+    # The status and the token history (fingerprints) are part of what view_provider shows.
+    assert "token history (fingerprints only" in html and "consecutive failures" in html.lower()
     for form in secret_forms(SECRET):
         assert form not in html
     assert client.post(f"/admin/tokens/provider/{provider.pk}/refresh/").status_code == 403

@@ -28,6 +28,14 @@ BADGE_COLOURS = {
 }
 
 
+def _may_view_providers(request: HttpRequest) -> bool:
+    """The status and the history (fingerprints) are part of what view_provider shows."""
+    user = request.user
+    return bool(user.is_active) and (
+        user.has_perm("tokens.view_provider") or user.has_perm("tokens.change_provider")
+    )
+
+
 class TokenInline(admin.TabularInline):
     model = Token
     fields = readonly_fields = ("version", "fingerprint", "token_type", "issued_at", "expires_at")
@@ -39,6 +47,9 @@ class TokenInline(admin.TabularInline):
 
     def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+    def has_view_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return _may_view_providers(request)
 
 
 class ProviderStateInline(admin.StackedInline):
@@ -60,6 +71,9 @@ class ProviderStateInline(admin.StackedInline):
 
     def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+    def has_view_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return _may_view_providers(request)
 
 
 class StatusFilter(admin.SimpleListFilter):
