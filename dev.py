@@ -3,7 +3,7 @@
 
     python3 dev.py run     the whole stack: web, worker, beat, Flower (+ an embedded Redis)
     python3 dev.py test    the whole test suite (extra arguments go to pytest)
-    python3 dev.py lint    ruff and mypy
+    python3 dev.py lint    ruff, mypy and import-linter
     python3 dev.py bench   the benchmarks
 
 It creates ./.venv when missing, installs the project into it when pyproject.toml changed, then

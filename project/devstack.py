@@ -160,6 +160,8 @@ def lint() -> int:
     failed = subprocess.call([str(BIN / "ruff"), "check", *targets], cwd=ROOT)
     failed |= subprocess.call([str(BIN / "ruff"), "format", "--check", *targets], cwd=ROOT)
     failed |= subprocess.call([str(BIN / "mypy"), "project", "tokens"], cwd=ROOT, env=env)
+    # The layers of tokens/ (pyproject.toml's import-linter contracts, README's code map).
+    failed |= subprocess.call([str(BIN / "lint-imports")], cwd=ROOT, env=env)
     return 1 if failed else 0
 
 

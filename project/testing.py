@@ -71,8 +71,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     global _server
     import sys
 
-    if "tokens.notify" in sys.modules:  # stop listening before the server goes away
-        sys.modules["tokens.notify"].listener.stop()
+    if "tokens.memory" in sys.modules:  # stop listening before the server goes away
+        sys.modules["tokens.memory"].listener.stop()
     if _server is not None:
         _server.stop()
         _server = None

@@ -11,6 +11,7 @@ from hypothesis import settings as hypothesis_settings
 from pytest_httpserver import HTTPServer
 
 from tests.processes import Process, purge_queues, start_beat, start_worker
+from tokens import memory
 
 
 @pytest.fixture(scope="session")
@@ -25,10 +26,16 @@ def redis_client() -> Iterator[redis.Redis]:
 def _flush_redis(redis_client: redis.Redis) -> None:
     """Every test starts with an empty cache database (the broker lives on another one) and
     an empty per-process token memory."""
-    from tokens import notify
 
     redis_client.flushdb()
-    notify.memory.clear()
+    memory.memory.clear()
+
+
+@pytest.fixture
+def empty_queues() -> None:
+    """For tests that send without a worker running: what they send stays in the broker (where
+    they may read it), emptied first so that nothing of theirs reaches a later test's worker."""
+    purge_queues()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from tokens.models import Provider
+from tokens.models import Provider, ProviderState
 
 SECRET = "s3cr3t-client-secret-VALUE-9f8e7d"
 
@@ -30,3 +30,14 @@ def make_provider(
         refresh_interval=timedelta(seconds=interval),
         enabled=enabled,
     )
+
+
+def counted_provider(name: str = "api", **kwargs: Any) -> Provider:
+    """A provider whose tokens are numbered by a Redis counter (tests.callables.counted)."""
+    return make_provider(
+        name, kind="callable", config={"path": "tests.callables.counted"}, **kwargs
+    )
+
+
+def state(provider: Provider) -> ProviderState:
+    return ProviderState.objects.get(provider=provider)

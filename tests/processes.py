@@ -14,9 +14,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from django.db import connection
+
+from project import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -107,13 +110,7 @@ class Process:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process group, then SIGKILL what is left after ``timeout``."""
-        if self.alive():
-            self._signal_group(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._signal_group(signal.SIGKILL)  # children of a worker that outlived it
+        processes.stop(self.popen, timeout=timeout, group=True)
         self._log.close()
 
     def kill(self) -> None:
@@ -218,3 +215,21 @@ def run_script(code: str, *, timeout: float = 60.0, **env: str) -> subprocess.Co
         timeout=timeout,
         check=False,
     )
+
+
+def broker_messages(queue: str) -> list[dict[str, Any]]:
+    """The messages waiting in ``queue`` on the test broker (Redis), oldest first: each a dict
+    with the task's ``args`` and the message's ``headers``."""
+    import base64
+    import json
+
+    import redis
+    from django.conf import settings
+
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    messages = []
+    for raw in reversed(client.lrange(queue, 0, -1)):  # kombu pushes on the left
+        message = json.loads(raw)
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        messages.append({"args": args, "headers": message["headers"]})
+    return messages

@@ -11,9 +11,10 @@ from django.test import Client
 from django_celery_beat.models import PeriodicTask
 
 from tests.factories import SECRET, make_provider
-from tokens import services
+from tokens import locks
 from tokens.generators import Generator
 from tokens.models import Provider, ProviderState
+from tokens.services import refresh
 
 pytestmark = pytest.mark.django_db
 
@@ -90,7 +91,7 @@ def test_pages__never_show_the_secret_or_the_token(staff: Client) -> None:
     provider = make_provider(
         "payments", kind="callable", config={"path": "tests.callables.mapping"}
     )
-    services.token_refresh(provider_id=provider.pk)
+    refresh.token_refresh(provider_id=provider.pk)
     for url in ("/admin/tokens/provider/", f"/admin/tokens/provider/{provider.pk}/change/"):
         page = staff.get(url).content.decode()
         assert "mapped" not in page.replace("mapping", "")
@@ -138,7 +139,7 @@ def provider_in_state(name: str, status: str) -> Provider:
         return make_provider(name, kind="static", secret="x", enabled=False)
     provider = make_provider(name, kind="callable", config={"path": "tests.callables.mapping"})
     if status in ("ok", "refreshing", "failing"):
-        services.token_refresh(provider_id=provider.pk)
+        refresh.token_refresh(provider_id=provider.pk)
     if status == "failing":
         ProviderState.objects.filter(provider=provider).update(
             consecutive_failures=3, last_error="permanent: x"
@@ -157,10 +158,9 @@ STATES = ["ok", "refreshing", "failing", "expired", "never", "disabled"]
 
 
 def test_list__badge_and_filter_for_every_state(staff: Client) -> None:
-    from tokens import store
 
     providers = {status: provider_in_state(f"p-{status}", status) for status in STATES}
-    lock = store.refresh_lock(providers["refreshing"].pk)
+    lock = locks.lock(providers["refreshing"].pk)
     assert lock.acquire()
     try:
         page = staff.get("/admin/tokens/provider/").content.decode()
@@ -257,7 +257,7 @@ def test_view_only__sees_the_pages_without_the_secret_and_can_change_nothing(
     assert "stored (write-only: never shown)" in html
     assert 'id="tokens-refresh-now"' not in html
     # The status and the token history (fingerprints) are part of what view_provider shows.
-    services.token_refresh(provider_id=provider.pk)
+    refresh.token_refresh(provider_id=provider.pk)
     html = client.get(f"/admin/tokens/provider/{provider.pk}/change/").content.decode()
     assert "consecutive failures" in html.lower()
     assert Provider.objects.get(pk=provider.pk).tokens.get().fingerprint in html
@@ -382,7 +382,7 @@ def test_change__a_rename_needs_the_secret_again_and_voids_the_tokens(
     """The name is where the application sends the tokens (get_token(name)): swapping names
     would send one API's tokens to another."""
     provider = make_provider("payments", kind="static", secret=SECRET)
-    services.token_refresh(provider_id=provider.pk)
+    refresh.token_refresh(provider_id=provider.pk)
     version = ProviderState.objects.get(provider=provider).current_version
     url = f"/admin/tokens/provider/{provider.pk}/change/"
     renamed = form_data(name="partner", kind="static", config="{}")

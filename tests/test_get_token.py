@@ -19,13 +19,15 @@ from tokens import (
     TokenUnavailable,
     UnknownProvider,
     api,
+    cache,
     get_token,
-    notify,
-    services,
-    store,
+    memory,
+    selectors,
 )
+from tokens.cache import CachedToken
+from tokens.constants import Reason
 from tokens.models import Provider, ProviderState, Token
-from tokens.services import Reason
+from tokens.services import refresh
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,7 +40,7 @@ def counted_provider(name: str = "api", **kwargs: object) -> Provider:
 
 def refreshed(name: str = "api") -> Provider:
     provider = counted_provider(name)
-    services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+    refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
     return provider
 
 
@@ -85,7 +87,7 @@ def test_get_token__bad_arguments(name: object, timeout: object, error: type[Exc
 def test_get_token__reads_redis_then_keeps_it_in_memory(redis_client: redis.Redis) -> None:
     refreshed()
     assert get_token("api") == "api-token-1"
-    assert notify.memory["api"][0] == "api-token-1"
+    assert memory.memory["api"][0] == "api-token-1"
     redis_client.delete("tokens:tok:api")  # behind its back: memory still answers
     assert get_token("api") == "api-token-1"
 
@@ -94,7 +96,7 @@ def test_get_token__falls_back_to_the_database_and_refills_redis(redis_client: r
     refreshed()
     redis_client.flushdb()
     assert get_token("api") == "api-token-1"
-    assert store.get("api").value == "api-token-1"
+    assert cache.entry_get("api").value == "api-token-1"
 
 
 def test_get_token__never_returns_an_expired_token(redis_client: redis.Redis) -> None:
@@ -108,7 +110,7 @@ def test_get_token__never_returns_an_expired_token(redis_client: redis.Redis) ->
 
 def test_get_token__timeout_names_the_last_error() -> None:
     provider = make_provider("api", config={"client_id": "c"})  # invalid config
-    services.token_refresh(provider_id=provider.pk)
+    refresh.token_refresh(provider_id=provider.pk)
     with pytest.raises(TokenUnavailable) as caught:
         get_token("api", timeout=0.2)
     assert "last refresh error: permanent: invalid provider config" in str(caught.value)
@@ -121,7 +123,7 @@ def test_get_token__waits_for_first_token_and_wakes_on_the_notification(settings
     def refresh_later() -> None:
         time.sleep(0.3)
         try:
-            services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+            refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
         finally:
             connection.close()  # a thread's own connection
 
@@ -151,22 +153,20 @@ def test_get_token__token_stored_between_read_and_wait_is_not_missed(
 ) -> None:
     """SUBSCRIBE, then GET, then wait: a store that lands right after the miss still wakes us."""
     settings.TOKENS_WAIT_RECHECK = 60
-    provider = counted_provider()
-    notify.listener.ensure_running()
-    notify.listener.connected.wait(5)
-    original = api._Reader.read
+    counted_provider()
+    memory.listener.ensure_running()
+    memory.listener.connected.wait(5)
+    original = selectors.current_token
     calls = []
 
-    def read_then_store(self: api._Reader, **kwargs: bool) -> tuple[str, str] | None:
-        value = original(self, **kwargs)
+    def read_then_store(*, provider: Provider) -> Token | None:
+        token = original(provider=provider)
         if not calls:
-            calls.append(1)
-            services.token_refresh(
-                provider_id=provider.pk, reason=Reason.MANUAL
-            )  # lands before the wait
-        return value
+            calls.append(1)  # the miss is read; a refresh stores before the caller waits
+            refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+        return token
 
-    monkeypatch.setattr(api._Reader, "read", read_then_store)
+    monkeypatch.setattr(selectors, "current_token", read_then_store)
     assert get_token("api", timeout=20) == "api-token-1"
 
 
@@ -183,7 +183,7 @@ def test_get_token__near_expiry_serves_the_token_and_asks_for_a_new_one(
 def test_get_token__memory_follows_a_new_token_from_elsewhere() -> None:
     provider = refreshed()
     assert get_token("api") == "api-token-1"
-    services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+    refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
     wait_for(lambda: get_token("api") == "api-token-2", 5, message="the new token")
 
 
@@ -208,10 +208,10 @@ def test_get_token__config_change_never_serves_the_old_token() -> None:
     assert get_token("api") == "api-token-1"
     provider.config = {"path": "tests.callables.mapping"}
     provider.save()
-    wait_for(lambda: "api" not in notify.memory, 5, message="memory to drop the old token")
+    wait_for(lambda: "api" not in memory.memory, 5, message="memory to drop the old token")
     with pytest.raises(TokenUnavailable):
         get_token("api", timeout=0.2)  # no worker here: no new token, and never the old one
-    services.token_refresh(provider_id=provider.pk)
+    refresh.token_refresh(provider_id=provider.pk)
     assert get_token("api") == "mapped"
     assert ProviderState.objects.get(provider=provider).current_version > 1
 
@@ -225,8 +225,8 @@ def test_get_token__an_entry_copied_to_another_providers_key_is_not_served(
     other = refreshed("beta")
     alpha_entry = redis_client.get("tokens:tok:alpha")
     redis_client.set("tokens:tok:beta", alpha_entry)
-    notify.memory.clear()
-    assert store.get("beta") is None  # refused and dropped
+    memory.memory.clear()
+    assert cache.entry_get("beta") is None  # refused and dropped
     assert redis_client.get("tokens:tok:beta") is None
     assert get_token("beta") == Token.objects.get(provider=other).value  # from the database
     assert get_token("beta") != Token.objects.get(provider__name="alpha").value
@@ -240,10 +240,10 @@ def test_get_token__arguments_are_checked_the_same_warm_or_cold(
     timeout: object, error: type[Exception]
 ) -> None:
     refreshed("api")
-    notify.memory.clear()
+    memory.memory.clear()
     with pytest.raises(error):  # cold
         get_token("api", timeout=timeout)  # type: ignore[arg-type]
-    assert get_token("api") and "api" in notify.memory
+    assert get_token("api") and "api" in memory.memory
     with pytest.raises(error):  # warm: the same answer
         get_token("api", timeout=timeout)  # type: ignore[arg-type]
     with pytest.raises(error):
@@ -270,7 +270,7 @@ def test_get_token__a_renamed_providers_late_write_is_never_served_under_its_old
     old.name = "payments-old"
     old.save()
     assert ProviderState.objects.get(provider=old).current_version > old_version
-    late = store.CachedToken(
+    late = CachedToken(
         provider_id=old.pk,
         version=old_version + 50,
         value="OLD-PROVIDER-LATE",
@@ -278,10 +278,10 @@ def test_get_token__a_renamed_providers_late_write_is_never_served_under_its_old
         expires_at=time.time() + 3600,
         refresh_at=None,
     )
-    assert not store.put("payments", late, now=time.time(), publish=True)
+    assert cache.entries_put([("payments", late)], now=time.time(), publish=True) == [False]
     newcomer = make_provider("payments", kind="static", secret="NEW-PROVIDER-TOKEN")
-    services.token_refresh(provider_id=newcomer.pk, reason=Reason.MANUAL)
-    notify.memory.clear()
+    refresh.token_refresh(provider_id=newcomer.pk, reason=Reason.MANUAL)
+    memory.memory.clear()
     assert get_token("payments") == "NEW-PROVIDER-TOKEN"
-    services.token_refresh(provider_id=old.pk, reason=Reason.MANUAL)
+    refresh.token_refresh(provider_id=old.pk, reason=Reason.MANUAL)
     assert get_token("payments-old").startswith("payments-old-token-")

@@ -12,9 +12,10 @@ from django.db import connection
 
 from tests.factories import make_provider
 from tests.processes import purge_queues, wait_for
-from tokens import ainvalidate_token, get_token, invalidate_token, notify, store
+from tokens import ainvalidate_token, cache, get_token, invalidate_token, memory
+from tokens.constants import Reason
 from tokens.models import Provider
-from tokens.services import Reason, token_refresh
+from tokens.services.refresh import token_refresh
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,8 +31,8 @@ def test_invalidate__current_token_is_dropped_everywhere_and_a_refresh_is_queued
     assert get_token("api") == "api-token-1"
     purge_queues()
     assert invalidate_token("api", "api-token-1") is True
-    assert "api" not in notify.memory
-    assert store.get("api") is None
+    assert "api" not in memory.memory
+    assert cache.entry_get("api") is None
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     assert broker.llen("tokens.urgent") == 1  # the refresh
 
@@ -54,7 +55,7 @@ def test_invalidate__a_stale_token_changes_nothing() -> None:
     assert invalidate_token("api", "api-token-1") is False
     assert invalidate_token("api", "never-issued") is False
     assert get_token("api") == "api-token-2"
-    assert store.get("api").value == "api-token-2"
+    assert cache.entry_get("api").value == "api-token-2"
 
 
 def test_invalidate__other_processes_drop_it_too() -> None:
@@ -66,7 +67,7 @@ def test_invalidate__other_processes_drop_it_too() -> None:
     )
     assert result.stdout.strip().splitlines()[-1] == "True", result.stderr[-2000:]
     wait_for(
-        lambda: "api" not in notify.memory and store.get("api") is None,
+        lambda: "api" not in memory.memory and cache.entry_get("api") is None,
         5,
         message="this process to hear of it",
     )

@@ -10,10 +10,11 @@ from django.core.management import CommandError, call_command
 from django.db import IntegrityError, connection, transaction
 
 from tests.factories import SECRET, make_provider
-from tokens import crypto, services
+from tokens import crypto
 from tokens.exceptions import DecryptionError
 from tokens.generators import Generator, kind_choices, registry
 from tokens.models import Provider, Token
+from tokens.services import refresh
 
 pytestmark = pytest.mark.django_db
 
@@ -149,7 +150,7 @@ def test_rotate_token_keys__refuses_when_a_row_does_not_open_and_rewrites_nothin
     settings,
 ) -> None:
     provider = make_provider("api", kind="static", secret=SECRET)
-    services.token_refresh(provider_id=provider.pk)
+    refresh.token_refresh(provider_id=provider.pk)
     token = Token.objects.get(provider=provider)
     foreign = Fernet(Fernet.generate_key()).encrypt(b"from another key").decode()
     with connection.cursor() as cursor:

@@ -10,9 +10,10 @@ from django.test import Client
 from django.utils import timezone
 
 from tests.factories import SECRET, make_provider
-from tokens import TokenUnavailable, get_token, store
+from tokens import TokenUnavailable, get_token, locks
+from tokens.constants import Reason
 from tokens.models import Provider, ProviderState, Token
-from tokens.services import Reason, token_refresh
+from tokens.services.refresh import token_refresh
 from tokens.status import Status, status_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -98,7 +99,7 @@ def test_health__503_when_the_schedule_does_not_run(staff: Client, problem: str)
 
 def test_health__shows_refreshing_while_the_lock_is_held(staff: Client) -> None:
     provider = ok_provider()
-    lock = store.refresh_lock(provider.pk)
+    lock = locks.lock(provider.pk)
     assert lock.acquire()
     try:
         body = staff.get("/tokens/health/").json()

@@ -5,18 +5,19 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from tokens import services, store
+from tokens import selectors
 from tokens.conf import tokens_settings
 from tokens.forms import ProviderForm
 from tokens.models import Provider, ProviderState, Token
-from tokens.status import Status, refreshing_ids, state_or_none, status_of
+from tokens.services import refresh
+from tokens.status import Status, refreshing_all, refreshing_ids, status_of, with_status
 
 BADGE_COLOURS = {
     Status.OK: "#1e7e34",
@@ -36,14 +37,8 @@ def _may_view_providers(request: HttpRequest) -> bool:
     )
 
 
-class TokenInline(admin.TabularInline):
-    model = Token
-    fields = readonly_fields = ("version", "fingerprint", "token_type", "issued_at", "expires_at")
-    extra = 0
-    max_num = 0
-    can_delete = False
-    ordering = ["-version"]
-    verbose_name_plural = "token history (fingerprints only, never values)"
+class _StatusInline:
+    """Read-only parts of a provider's page, shown to whoever may view providers."""
 
     def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
@@ -52,7 +47,17 @@ class TokenInline(admin.TabularInline):
         return _may_view_providers(request)
 
 
-class ProviderStateInline(admin.StackedInline):
+class TokenInline(_StatusInline, admin.TabularInline):
+    model = Token
+    fields = readonly_fields = ("version", "fingerprint", "token_type", "issued_at", "expires_at")
+    extra = 0
+    max_num = 0
+    can_delete = False
+    ordering = ["-version"]
+    verbose_name_plural = "token history (fingerprints only, never values)"
+
+
+class ProviderStateInline(_StatusInline, admin.StackedInline):
     model = ProviderState
     fields = readonly_fields = (
         "current_version",
@@ -69,12 +74,6 @@ class ProviderStateInline(admin.StackedInline):
     can_delete = False
     verbose_name_plural = "status"
 
-    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_view_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return _may_view_providers(request)
-
 
 class StatusFilter(admin.SimpleListFilter):
     title = "status"
@@ -85,35 +84,9 @@ class StatusFilter(admin.SimpleListFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Provider]) -> QuerySet[Provider]:
         value = self.value()
-        if not value:
+        if not value or value not in Status.__members__.values():
             return queryset
-        now = timezone.now()
-        enabled = queryset.filter(enabled=True)
-        valid = Q(refresh_state__last_refresh_at__isnull=False) & (
-            Q(refresh_state__expires_at__isnull=True) | Q(refresh_state__expires_at__gt=now)
-        )
-        failing = Q(refresh_state__consecutive_failures__gt=0)
-        never = Q(refresh_state__isnull=True) | Q(
-            refresh_state__last_attempt_at__isnull=True, refresh_state__current_version=0
-        )
-        if value == Status.DISABLED:
-            return queryset.filter(enabled=False)
-        try:
-            refreshing = store.held_lock_ids()
-        except store.StoreError:
-            refreshing = set()
-        if value == Status.REFRESHING:
-            return enabled.filter(pk__in=refreshing)
-        enabled = enabled.exclude(pk__in=refreshing)  # the badge shows "refreshing" first
-        if value == Status.FAILING:
-            return enabled.filter(failing)
-        if value == Status.OK:
-            return enabled.filter(valid).exclude(failing)
-        if value == Status.NEVER:
-            return enabled.filter(never).exclude(failing).exclude(valid)
-        if value == Status.EXPIRED:
-            return enabled.exclude(failing).exclude(valid).exclude(never)
-        return queryset
+        return with_status(queryset, Status(value), refreshing=refreshing_all(), now=timezone.now())
 
 
 @admin.register(Provider)
@@ -153,7 +126,7 @@ class ProviderAdmin(admin.ModelAdmin):
             return "—"
         status = status_of(
             obj,
-            state_or_none(obj),
+            obj.state_or_none,
             refreshing=obj.pk in refreshing_ids([obj.pk]),
             now=timezone.now(),
         )
@@ -167,14 +140,14 @@ class ProviderAdmin(admin.ModelAdmin):
 
     @admin.display(description="fingerprint")
     def fingerprint(self, obj: Provider) -> str:
-        state = state_or_none(obj)
+        state = obj.state_or_none
         if state is None or state.last_refresh_at is None or not state.fingerprint:
             return "—"
         return state.fingerprint
 
     @admin.display(description="expires in")
     def expires_in(self, obj: Provider) -> str:
-        state = state_or_none(obj)
+        state = obj.state_or_none
         if state is None or state.last_refresh_at is None:
             return "—"
         if state.expires_at is None:
@@ -186,30 +159,30 @@ class ProviderAdmin(admin.ModelAdmin):
 
     @admin.display(description="last refresh")
     def last_refresh(self, obj: Provider) -> object:
-        state = state_or_none(obj)
+        state = obj.state_or_none
         return state.last_refresh_at if state else None
 
     @admin.display(description="failures")
     def failures(self, obj: Provider) -> int:
-        state = state_or_none(obj)
+        state = obj.state_or_none
         return state.consecutive_failures if state else 0
 
     @admin.display(description="last error")
     def last_error(self, obj: Provider) -> str:
-        state = state_or_none(obj)
+        state = obj.state_or_none
         error = state.last_error if state else ""
         return error[:80] + ("…" if len(error) > 80 else "")
 
     @admin.display(description="next scheduled refresh")
     def next_refresh(self, obj: Provider) -> object:
-        state = state_or_none(obj)
+        state = obj.state_or_none
         if not obj.enabled or state is None or state.next_run_at is None:
             return "—"
         return state.next_run_at
 
     @admin.display(description="beat schedule")
     def schedule_link(self, obj: Provider) -> str:
-        task = services.dispatcher_schedule()
+        task = selectors.dispatcher_entry()
         if task is None:
             return format_html(
                 '<strong class="errornote">Missing: run <code>{}</code>.</strong>',
@@ -301,7 +274,7 @@ class ProviderAdmin(admin.ModelAdmin):
                 request, f"{provider.name}: disabled, not refreshed.", messages.WARNING
             )
             return
-        if not services.refresh_for_operator(provider_id=provider.pk):
+        if not refresh.refresh_for_operator(provider_id=provider.pk):
             self.message_user(
                 request,
                 f"{provider.name}: a refresh was queued moments ago; not queued again.",

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import math
 import time
@@ -18,18 +17,20 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, connection, connections
 
-from tokens import metrics, notify, selectors, services, store
+from tokens import cache, locks, memory, metrics, queue, selectors
+from tokens.cache import CachedToken
 from tokens.conf import tokens_settings
-from tokens.exceptions import ProviderDisabled, TokenUnavailable, UnknownProvider
-from tokens.models import ProviderState
+from tokens.constants import Reason
+from tokens.exceptions import CacheUnavailable, ProviderDisabled, TokenUnavailable, UnknownProvider
+from tokens.services import invalidation
 
 logger = logging.getLogger(__name__)
 
 # Provider.name's max_length: a longer name names no provider.
 MAX_NAME_LENGTH = 100
 
-_memory = notify.memory
-_listener = notify.listener
+_memory = memory.memory
+_listener = memory.listener
 _time = time.time
 
 
@@ -52,7 +53,7 @@ def get_token(name: str, *, timeout: float | None = None) -> str:
     return _get_token_slow(name, timeout)[0]
 
 
-def _remembered(name: object) -> notify.Entry | None:
+def _remembered(name: object) -> memory.Entry | None:
     """This process's entry for ``name`` while it may be trusted (get_token() inlines this)."""
     try:
         entry = _memory.get(name)  # type: ignore[call-overload]
@@ -102,46 +103,13 @@ def invalidate_token(name: str, token: str) -> bool:
     If it is still the provider's current token it is dropped everywhere (every process's
     memory, Redis, the database's notion of current), a refresh is queued, and the next
     get_token() waits for the new token; returns True. A token that is no longer current (a
-    stale rejection) changes nothing; returns False.
+    stale rejection) changes nothing; returns False. At most one invalidation per provider per
+    TOKENS_INVALIDATE_COOLDOWN voids anything.
     """
     _check_arguments(name, None)
     if not isinstance(token, str) or not token:
         raise TypeError("invalidate_token() token must be a non-empty str")
-    provider = selectors.provider_for_reading(name=name)
-    current = selectors.current_token(provider=provider)
-    if current is None or not hmac.compare_digest(current.value.encode(), token.encode()):
-        return False
-    if not _invalidation_allowed(provider.pk):
-        # Voided moments ago: an API that rejects every token must not turn each of its 401s
-        # into a token-endpoint call (TOKENS_INVALIDATE_COOLDOWN).
-        logger.info("tokens: invalidation of %s within its cool-down, ignored", provider.name)
-        return False
-    if services.provider_invalidate(provider=provider, expected_version=current.version) is None:
-        return False  # a newer token arrived meanwhile
-    entry = _memory.get(name)
-    if entry is not None and entry[2] <= current.version:
-        _memory.pop(name, None)
-    services.refresh_enqueue(provider_id=provider.pk)
-    return True
-
-
-_local_invalidations: dict[int, float] = {}
-
-
-def _invalidation_allowed(provider_id: int) -> bool:
-    """At most one invalidation per provider per TOKENS_INVALIDATE_COOLDOWN, fleet-wide (a Redis
-    claim) or, while Redis is unreachable, per process."""
-    cooldown = tokens_settings.seconds("INVALIDATE_COOLDOWN")
-    if cooldown <= 0:
-        return True
-    try:
-        return store.claim("inval", provider_id, cooldown)
-    except store.StoreError:
-        now = time.monotonic()
-        if now - _local_invalidations.get(provider_id, -math.inf) < cooldown:
-            return False
-        _local_invalidations[provider_id] = now
-        return True
+    return invalidation.token_reject(name=name, token=token)
 
 
 async def ainvalidate_token(name: str, token: str) -> bool:
@@ -183,21 +151,13 @@ class _Reader:
         generation = _listener.generation(self.name)
         now = _time()
         try:
-            cached = store.get(self.name)
-        except store.StoreError:
+            cached = cache.entry_get(self.name)
+        except CacheUnavailable:
             cached = None
             self._problem("Redis unavailable")
         if cached is not None and (cached.expires_at is None or cached.expires_at > now):
             self.provider_id = cached.provider_id
-            self._remember(
-                cached.value,
-                cached.version,
-                cached.token_type,
-                cached.expires_at,
-                cached.refresh_at,
-                now,
-                generation,
-            )
+            self._remember(cached, now, generation)
             return cached.value, cached.token_type
         if not database and self.provider_id is not None:
             self._request_refresh()
@@ -214,54 +174,50 @@ class _Reader:
         if token is None:
             self._request_refresh()
             return None
-        services.cache_token(provider, token, publish=False)
-        self._remember(
-            token.value,
-            token.version,
-            token.token_type,
-            token.expires_at.timestamp() if token.expires_at else None,
-            token.refresh_at.timestamp() if token.refresh_at else None,
-            now,
-            generation,
-        )
-        return token.value, token.token_type
+        cached = CachedToken.from_row(token)
+        with contextlib.suppress(CacheUnavailable):  # put back for the next reader
+            cache.entries_put([(self.name, cached)], now=now, publish=False)
+        self._remember(cached, now, generation)
+        return cached.value, cached.token_type
 
-    def _remember(
-        self,
-        value: str,
-        version: int,
-        token_type: str,
-        expires_at: float | None,
-        refresh_at: float | None,
-        now: float,
-        generation: int,
-    ) -> None:
-        if refresh_at is not None and now >= refresh_at:
+    def _remember(self, cached: CachedToken, now: float, generation: int) -> None:
+        """Keep ``cached`` in this process's memory (the one conversion to a memory entry)."""
+        if cached.refresh_at is not None and now >= cached.refresh_at:
             # Within the margin: still valid, but ask for a new one (beat may be late or down).
             self._request_refresh()
-            until = expires_at if expires_at is not None else math.inf
+            until = cached.expires_at if cached.expires_at is not None else math.inf
         else:
-            until = refresh_at if refresh_at is not None else math.inf
+            until = cached.refresh_at if cached.refresh_at is not None else math.inf
         until = min(until, now + _listener.max_age())
         if _listener.generation(self.name) == generation:  # no news arrived while we read
-            _memory[self.name] = (value, until, version, token_type)
+            _memory[self.name] = (cached.value, until, cached.version, cached.token_type)
 
     def _request_refresh(self) -> None:
         """Ask for a refresh unless one was asked for already (fleet-wide, by a Redis claim)."""
         if self.provider_id is None:
             return
         try:
-            if not store.mark_pending(self.provider_id):
+            if not locks.pending_claim(self.provider_id):
                 return  # somebody already asked; their refresh will wake us
-        except store.StoreError:
+        except CacheUnavailable:
             self._problem("Redis unavailable")
             return
         try:
-            services.refresh_for_reader(provider_id=self.provider_id)
+            failing = selectors.provider_is_failing(provider_id=self.provider_id)
+        except DatabaseError:
+            failing = False
+        try:
+            # Now, without the broker's publish retries: a reader is waiting.
+            queue.refresh_send(
+                provider_id=self.provider_id,
+                reason=Reason.READER,
+                failing=failing,
+                after_commit=False,
+                retry=False,
+            )
         except Exception as error:  # broker down: nothing will come, the deadline will tell
             self._problem(f"could not queue a refresh ({type(error).__name__})")
-            with contextlib.suppress(store.StoreError):
-                store.clear_pending(self.provider_id)
+            locks.pending_clear(self.provider_id)
 
     def _problem(self, text: str) -> None:
         if text not in self.problems:
@@ -271,11 +227,11 @@ class _Reader:
         parts: list[str] = []
         if self.provider_id is not None:
             try:
-                state = ProviderState.objects.filter(provider_id=self.provider_id).first()
+                last_error = selectors.provider_last_error(provider_id=self.provider_id)
             except DatabaseError:
-                state = None
-            if state is not None and state.last_error:
-                parts.append(f"last refresh error: {state.last_error}")
+                last_error = ""
+            if last_error:
+                parts.append(f"last refresh error: {last_error}")
         parts.extend(self.problems)
         if not parts:
             parts.append("no token was stored")

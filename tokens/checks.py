@@ -17,10 +17,8 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
-from django.db.models import F, TextField
-from django.db.models.functions import Cast
 
-from tokens import crypto
+from tokens import crypto, selectors
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +48,8 @@ def secret_key_problem() -> str | None:
 
 def stored_rows_problem() -> str | None:
     """Whether the keys open the stored ciphertexts: a sample of the secrets and tokens."""
-    from tokens.models import Provider, Token
-
     try:
-        samples = [
-            *Provider.objects.exclude(secret="")
-            .annotate(raw=Cast(F("secret"), output_field=TextField()))
-            .order_by("-pk")
-            .values_list("raw", flat=True)[:SAMPLE],
-            *Token.objects.annotate(raw=Cast(F("value"), output_field=TextField()))
-            .order_by("-pk")
-            .values_list("raw", flat=True)[:SAMPLE],
-        ]
+        samples = [raw for _, raw in selectors.stored_ciphertexts(limit=SAMPLE)]
     except DatabaseError:
         return None  # no tables yet (before migrate), or no database: nothing stored to check
     if not samples:

@@ -71,6 +71,14 @@ class GeneratorError(TokenError):
         return "transient" if self.transient else "permanent"
 
 
+class CacheUnavailable(TokenError):
+    """Redis (the cache, locks, claims and notifications) could not be reached.
+
+    The Redis adapters raise it for reads whose answer matters and swallow it (with a log line)
+    for writes nobody waits on; nobody else sees redis-py's own errors.
+    """
+
+
 class DecryptionError(TokenError):
     """Stored ciphertext does not open with any key in TOKENS_ENCRYPTION_KEYS."""
 

@@ -1,23 +1,9 @@
-"""Prometheus metrics: counters kept by the processes that refresh and read, and gauges read
-from the database at scrape time.
-
-With several processes (web, worker), set PROMETHEUS_MULTIPROC_DIR to a directory they share:
-the metrics view then adds up every process's counters (prometheus-client's multiprocess mode).
-"""
+"""Prometheus counters kept by the processes that refresh and read (the gauges read from the
+database at scrape time are tokens.monitoring's)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
-from django.utils import timezone
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import REGISTRY, Collector
-
-from tokens.models import Provider
-from tokens.status import has_valid_token, schedule_report, state_or_none
+from prometheus_client import Counter, Histogram
 
 REFRESHES = Counter(
     "tokens_refreshes_total",
@@ -56,56 +42,3 @@ TIMEOUTS = Counter(
     "get_token() calls that timed out (TokenUnavailable).",
     ["provider"],
 )
-
-
-class ProviderCollector(Collector):
-    """Gauges read from the database when scraped."""
-
-    def collect(self) -> Iterator[Metric]:
-        now = timezone.now()
-        expiry = GaugeMetricFamily(
-            "tokens_token_expiry_seconds",
-            "Seconds until the current token expires (absent: no expiry or no valid token).",
-            labels=["provider"],
-        )
-        valid = GaugeMetricFamily(
-            "tokens_token_valid", "1 when the provider has a valid token.", labels=["provider"]
-        )
-        failures = GaugeMetricFamily(
-            "tokens_consecutive_failures",
-            "Failed refreshes since the last success.",
-            labels=["provider"],
-        )
-        for provider in Provider.objects.enabled().select_related("refresh_state"):
-            state = state_or_none(provider)
-            is_valid = has_valid_token(state, now)
-            valid.add_metric([provider.name], 1.0 if is_valid else 0.0)
-            failures.add_metric([provider.name], float(state.consecutive_failures if state else 0))
-            if is_valid and state is not None and state.expires_at is not None:
-                expiry.add_metric([provider.name], (state.expires_at - now).total_seconds())
-        schedule = schedule_report(now=now)
-        overdue = GaugeMetricFamily(
-            "tokens_schedule_overdue_providers",
-            "Enabled providers whose scheduled refresh is over a minute overdue (unclaimed).",
-            value=float(schedule["overdue_providers"]),  # type: ignore[arg-type]
-        )
-        dispatcher = GaugeMetricFamily(
-            "tokens_schedule_dispatcher_enabled",
-            "1 when beat's dispatcher entry (PeriodicTask tokens.dispatch) exists and is enabled.",
-            value=1.0 if schedule["dispatcher"] == "ok" else 0.0,
-        )
-        yield from (expiry, valid, failures, overdue, dispatcher)
-
-
-def exposition() -> bytes:
-    """The text exposition: counters (this process's, or all of them in multiprocess mode)
-    followed by the gauges read from the database."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        processes = CollectorRegistry()
-        MultiProcessCollector(processes)
-        counters = generate_latest(processes)
-    else:
-        counters = generate_latest(REGISTRY)
-    database = CollectorRegistry()
-    database.register(ProviderCollector())
-    return counters + generate_latest(database)

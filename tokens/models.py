@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 from datetime import datetime, timedelta
 
 from django.core.exceptions import ValidationError
@@ -8,9 +9,10 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from tokens import crypto
 from tokens.conf import tokens_settings
 from tokens.fields import EncryptedTextField
-from tokens.generators import get_generator, kind_choices, registry
+from tokens.generators import GeneratedToken, get_generator, kind_choices, registry
 
 # The database refuses intervals below this floor; TOKENS_MIN_REFRESH_INTERVAL (a setting, so
 # not expressible in a migration) is enforced above it by validation.
@@ -87,6 +89,14 @@ class Provider(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def state_or_none(self) -> ProviderState | None:
+        """Its refresh state, or None when it has none yet (made by ``bulk_create``)."""
+        try:
+            return self.refresh_state
+        except ProviderState.DoesNotExist:
+            return None
+
     def secret_destination(self) -> object:
         """Where this provider sends its secret: its kind and, per kind, the endpoint."""
         return secret_destination(self.kind, self.config)
@@ -113,6 +123,17 @@ class Provider(models.Model):
                 errors.setdefault(field, []).extend(messages)
         if errors:
             raise ValidationError(errors)
+
+
+class ProviderStateQuerySet(models.QuerySet["ProviderState"]):
+    def ensure(self, provider_ids: list[int]) -> None:
+        """Give each provider without one its state row (the only place rows are made)."""
+        if provider_ids:
+            self.bulk_create(
+                [ProviderState(provider_id=pk) for pk in provider_ids],
+                batch_size=500,
+                ignore_conflicts=True,
+            )
 
 
 class ProviderState(models.Model):
@@ -183,6 +204,8 @@ class ProviderState(models.Model):
         help_text="When the schedule refreshes next: one interval after the previous run.",
     )
 
+    objects = ProviderStateQuerySet.as_manager()
+
     class Meta:
         verbose_name = "refresh state"
         indexes = [models.Index(fields=["next_run_at"], name="tokens_state_next_run_at")]
@@ -248,3 +271,26 @@ class Token(models.Model):
 
     def __str__(self) -> str:
         return f"{self.provider_id} v{self.version} {self.fingerprint}"
+
+    @classmethod
+    def from_generated(
+        cls, *, provider_id: int, version: int, generated: GeneratedToken, issued_at: datetime
+    ) -> Token:
+        """The one conversion from a generator's token to a stored row: its fingerprint, and
+        when readers should ask for the next one (expiry minus a jittered share of the
+        lifetime, so that many processes do not all ask at once)."""
+        refresh_at = None
+        if generated.expires_at is not None:
+            lifetime = generated.expires_at - issued_at
+            share = tokens_settings.REFRESH_MARGIN * random.uniform(1.0, 1.5)  # noqa: S311
+            refresh_at = generated.expires_at - lifetime * share
+        return cls(
+            provider_id=provider_id,
+            version=version,
+            value=generated.access_token,
+            token_type=generated.token_type,
+            fingerprint=crypto.fingerprint(generated.access_token),
+            issued_at=issued_at,
+            expires_at=generated.expires_at,
+            refresh_at=refresh_at,
+        )

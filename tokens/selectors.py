@@ -1,11 +1,24 @@
-"""The reads of the database behind get_token()."""
+"""The database reads more than one caller needs: the read path, the refresh's inputs, the
+reports of health and metrics, and the stored ciphertexts the start-up check and key rotation
+look at."""
 
 from __future__ import annotations
 
-from django.utils import timezone
+from collections.abc import Iterator
+from datetime import datetime, timedelta
 
+from django.db.models import F, TextField
+from django.db.models.functions import Cast
+from django.utils import timezone
+from django_celery_beat.models import PeriodicTask
+
+from tokens.constants import DISPATCH_ENTRY
 from tokens.exceptions import ProviderDisabled, UnknownProvider
 from tokens.models import Provider, ProviderState, Token
+from tokens.status import has_valid_token, refreshing_ids, status_of
+
+# A provider whose scheduled run is older than this was not claimed: beat or the workers are down.
+OVERDUE_AFTER = timedelta(seconds=60)
 
 
 def provider_for_reading(*, name: str) -> Provider:
@@ -27,3 +40,118 @@ def current_token(*, provider: Provider) -> Token | None:
     if token is None or (token.expires_at is not None and token.expires_at <= timezone.now()):
         return None
     return token
+
+
+def providers_for_refresh(*, provider_ids: list[int]) -> dict[int, Provider]:
+    """The providers with their refresh state, in one query (by id)."""
+    if not provider_ids:
+        return {}
+    return {
+        provider.pk: provider
+        for provider in Provider.objects.select_related("refresh_state").filter(pk__in=provider_ids)
+    }
+
+
+def providers_with_state(*, enabled: bool | None = None) -> list[Provider]:
+    """Every provider (or every enabled or disabled one) with its state, by name."""
+    providers = Provider.objects.select_related("refresh_state").order_by("name")
+    if enabled is not None:
+        providers = providers.filter(enabled=enabled)
+    return list(providers)
+
+
+def provider_is_failing(*, provider_id: int) -> bool:
+    """Whether the provider's last refresh failed."""
+    return ProviderState.objects.filter(
+        provider_id=provider_id, consecutive_failures__gt=0
+    ).exists()
+
+
+def provider_last_error(*, provider_id: int) -> str:
+    """The provider's last refresh error (sanitized when it was stored), or ""."""
+    error = (
+        ProviderState.objects.filter(provider_id=provider_id)
+        .values_list("last_error", flat=True)
+        .first()
+    )
+    return error or ""
+
+
+def provider_token_values(*, provider: Provider) -> list[str]:
+    """Every token of the provider still stored (TOKENS_HISTORY): any may be echoed back."""
+    return [token.value for token in Token.objects.filter(provider=provider)]
+
+
+def provider_report(*, now: datetime | None = None) -> list[dict[str, object]]:
+    """Per-provider status for monitoring: never a token, a fingerprint or a secret."""
+    now = now or timezone.now()
+    providers = providers_with_state()
+    refreshing = refreshing_ids(p.pk for p in providers)
+    report: list[dict[str, object]] = []
+    for provider in providers:
+        state = provider.state_or_none
+        valid = has_valid_token(state, now)
+        expires_in = None
+        if valid and state is not None and state.expires_at is not None:
+            expires_in = round((state.expires_at - now).total_seconds(), 1)
+        report.append(
+            {
+                "name": provider.name,
+                "kind": provider.kind,
+                "enabled": provider.enabled,
+                "status": str(
+                    status_of(provider, state, refreshing=provider.pk in refreshing, now=now)
+                ),
+                "valid": valid,
+                "expires_in_seconds": expires_in,
+                "last_refresh": state.last_refresh_at.isoformat()
+                if state and state.last_refresh_at
+                else None,
+                "consecutive_failures": state.consecutive_failures if state else 0,
+                "last_error": state.last_error if state else "",
+            }
+        )
+    return report
+
+
+def dispatcher_entry() -> PeriodicTask | None:
+    """Beat's one entry, the dispatcher (None when somebody deleted it)."""
+    return PeriodicTask.objects.filter(name=DISPATCH_ENTRY).first()
+
+
+def schedule_report(*, now: datetime | None = None) -> dict[str, object]:
+    """Whether the schedule runs: beat's dispatcher entry, and providers overdue by over a
+    minute (nothing claims them: beat, or every worker, is down)."""
+    now = now or timezone.now()
+    entry = dispatcher_entry()
+    overdue = ProviderState.objects.filter(
+        provider__enabled=True, next_run_at__lt=now - OVERDUE_AFTER
+    )
+    oldest = overdue.order_by("next_run_at").values_list("next_run_at", flat=True).first()
+    return {
+        "dispatcher": "missing" if entry is None else "ok" if entry.enabled else "disabled",
+        "overdue_providers": overdue.count(),
+        "oldest_overdue_since": oldest.isoformat() if oldest else None,
+    }
+
+
+def stored_ciphertexts(*, limit: int | None = None) -> Iterator[tuple[str, str]]:
+    """(what it is, its ciphertext as stored) for each stored secret and token, newest first,
+    up to ``limit`` of each: never decrypted here, so a wrong key cannot fail the read."""
+    secrets = (
+        Provider.objects.exclude(secret="")
+        .annotate(raw=Cast(F("secret"), output_field=TextField()))
+        .order_by("-pk")
+        .values_list("name", "raw")
+    )
+    tokens = (
+        Token.objects.annotate(raw=Cast(F("value"), output_field=TextField()))
+        .order_by("-pk")
+        .values_list("provider__name", "version", "raw")
+    )
+    if limit is not None:
+        secrets, tokens = secrets[:limit], tokens[:limit]
+    for name, raw in secrets.iterator():
+        yield f"secret of {name}", raw
+    for name, version, raw in tokens.iterator():
+        yield f"token v{version} of {name}", raw

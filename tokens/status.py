@@ -1,14 +1,15 @@
-"""A provider's status as operators see it (admin badge, health endpoint, metrics)."""
+"""A provider's status as operators see it (admin badge and filter, health, metrics): the rule
+in Python for one provider and as a ``Q`` for a queryset, side by side."""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from django.utils import timezone
+from django.db.models import Q, QuerySet
 
-from tokens import store
+from tokens import locks
 from tokens.models import Provider, ProviderState
 
 
@@ -27,6 +28,12 @@ def has_valid_token(state: ProviderState | None, now: datetime) -> bool:
     return state.expires_at is None or state.expires_at > now
 
 
+def _valid_q(now: datetime) -> Q:
+    return Q(refresh_state__last_refresh_at__isnull=False) & (
+        Q(refresh_state__expires_at__isnull=True) | Q(refresh_state__expires_at__gt=now)
+    )
+
+
 def status_of(
     provider: Provider, state: ProviderState | None, *, refreshing: bool, now: datetime
 ) -> Status:
@@ -43,79 +50,41 @@ def status_of(
     return Status.EXPIRED
 
 
+_FAILING_Q = Q(refresh_state__consecutive_failures__gt=0)
+_NEVER_Q = Q(refresh_state__isnull=True) | Q(
+    refresh_state__last_attempt_at__isnull=True, refresh_state__current_version=0
+)
+
+
+def with_status(
+    providers: QuerySet[Provider], status: Status, *, refreshing: set[int], now: datetime
+) -> QuerySet[Provider]:
+    """``providers`` whose status is ``status``: ``status_of`` as database filters, in the same
+    order of precedence (disabled, refreshing, failing, ok, never, expired)."""
+    if status == Status.DISABLED:
+        return providers.filter(enabled=False)
+    enabled = providers.filter(enabled=True)
+    if status == Status.REFRESHING:
+        return enabled.filter(pk__in=refreshing)
+    enabled = enabled.exclude(pk__in=refreshing)
+    if status == Status.FAILING:
+        return enabled.filter(_FAILING_Q)
+    if status == Status.OK:
+        return enabled.filter(_valid_q(now)).exclude(_FAILING_Q)
+    if status == Status.NEVER:
+        return enabled.filter(_NEVER_Q).exclude(_FAILING_Q).exclude(_valid_q(now))
+    return enabled.exclude(_FAILING_Q).exclude(_valid_q(now)).exclude(_NEVER_Q)
+
+
 def refreshing_ids(provider_ids: Iterable[int]) -> set[int]:
     """The providers whose refresh lock is held right now (empty when Redis is unreachable)."""
     ids = list(provider_ids)
-    if not ids:
-        return set()
-    try:
-        held = store.locks_held(ids)
-    except store.StoreError:
-        return set()
-    return {pid for pid, is_held in zip(ids, held, strict=True) if is_held}
+    return {pid for pid, held in zip(ids, locks.locks_held(ids), strict=True) if held}
 
 
-def state_or_none(provider: Provider) -> ProviderState | None:
-    try:
-        return provider.refresh_state
-    except ProviderState.DoesNotExist:
-        return None
-
-
-def provider_report(*, now: datetime | None = None) -> list[dict[str, object]]:
-    """Per-provider status for monitoring: never a token, a fingerprint or a secret."""
-    now = now or timezone.now()
-    providers = list(Provider.objects.select_related("refresh_state").order_by("name"))
-    refreshing = refreshing_ids(p.pk for p in providers)
-    report: list[dict[str, object]] = []
-    for provider in providers:
-        state = state_or_none(provider)
-        valid = has_valid_token(state, now)
-        expires_in = None
-        if valid and state is not None and state.expires_at is not None:
-            expires_in = round((state.expires_at - now).total_seconds(), 1)
-        report.append(
-            {
-                "name": provider.name,
-                "kind": provider.kind,
-                "enabled": provider.enabled,
-                "status": str(
-                    status_of(provider, state, refreshing=provider.pk in refreshing, now=now)
-                ),
-                "valid": valid,
-                "expires_in_seconds": expires_in,
-                "last_refresh": state.last_refresh_at.isoformat()
-                if state and state.last_refresh_at
-                else None,
-                "consecutive_failures": state.consecutive_failures if state else 0,
-                "last_error": state.last_error if state else "",
-            }
-        )
-    return report
-
-
-# A provider whose scheduled run is older than this was not claimed: beat or the workers are down.
-OVERDUE_AFTER = timedelta(seconds=60)
-
-
-def schedule_report(*, now: datetime | None = None) -> dict[str, object]:
-    """Whether the schedule runs: beat's dispatcher entry, and providers overdue by over a
-    minute (nothing claims them: beat, or every worker, is down)."""
-    from django_celery_beat.models import PeriodicTask
-
-    from tokens.services import DISPATCH_SCHEDULE
-
-    now = now or timezone.now()
-    entry = PeriodicTask.objects.filter(name=DISPATCH_SCHEDULE).first()
-    overdue = ProviderState.objects.filter(
-        provider__enabled=True, next_run_at__lt=now - OVERDUE_AFTER
-    )
-    oldest = overdue.order_by("next_run_at").values_list("next_run_at", flat=True).first()
-    return {
-        "dispatcher": "missing" if entry is None else "ok" if entry.enabled else "disabled",
-        "overdue_providers": overdue.count(),
-        "oldest_overdue_since": oldest.isoformat() if oldest else None,
-    }
+def refreshing_all() -> set[int]:
+    """Every provider whose refresh lock is held right now."""
+    return locks.locks_held_ids()
 
 
 def schedule_is_healthy(report: dict[str, object]) -> bool:

@@ -6,9 +6,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from tokens import metrics
+from tokens import monitoring, selectors
 from tokens.conf import tokens_settings
-from tokens.status import provider_report, schedule_is_healthy, schedule_report
+from tokens.status import schedule_is_healthy
 
 
 def _allowed(request: HttpRequest) -> bool:
@@ -36,8 +36,8 @@ def health(request: HttpRequest) -> HttpResponse:
     token, a fingerprint or a secret."""
     if not _allowed(request):
         return _denied()
-    providers = provider_report()
-    schedule = schedule_report()
+    providers = selectors.provider_report()
+    schedule = selectors.schedule_report()
     healthy = all(p["valid"] for p in providers if p["enabled"]) and schedule_is_healthy(schedule)
     body = {
         "status": "ok" if healthy else "unhealthy",
@@ -52,4 +52,4 @@ def health(request: HttpRequest) -> HttpResponse:
 def prometheus_metrics(request: HttpRequest) -> HttpResponse:
     if not _allowed(request):
         return _denied()
-    return HttpResponse(metrics.exposition(), content_type="text/plain; version=0.0.4")
+    return HttpResponse(monitoring.exposition(), content_type="text/plain; version=0.0.4")

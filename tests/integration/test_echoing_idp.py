@@ -17,7 +17,8 @@ from werkzeug import Request, Response
 from tests.factories import SECRET, make_provider, oauth2_config
 from tests.leaks import leaked
 from tests.processes import Process, wait_for
-from tokens import TokenUnavailable, get_token, services
+from tokens import TokenUnavailable, get_token, queue
+from tokens.constants import Reason
 from tokens.models import ProviderState
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -65,7 +66,7 @@ def test_echoing_idp__no_piece_of_the_secret_leaves(
         idp.echo = echo
         for provider in (basic, post):
             before = ProviderState.objects.get(provider=provider).consecutive_failures
-            services.refresh_enqueue(provider_id=provider.pk)
+            queue.refresh_send(provider_id=provider.pk, reason=Reason.MANUAL, after_commit=False)
             wait_for(
                 lambda p=provider, b=before: (
                     ProviderState.objects.get(provider=p).consecutive_failures > b

@@ -18,8 +18,8 @@ from django.db import connection
 from tests.factories import make_provider
 from tests.integration.tcp_proxy import TcpProxy
 from tests.processes import ROOT, child_database_url, child_env, wait_for
-from tokens import services
-from tokens.services import Reason
+from tokens.constants import Reason
+from tokens.services import refresh
 
 pytestmark = [
     pytest.mark.integration,
@@ -47,7 +47,7 @@ while time.monotonic() < end:
 
 def test_database_down__web_process_serves_from_cache_then_fails_clearly(tmp_path: Path) -> None:
     provider = make_provider("api", kind="callable", config={"path": "tests.callables.short_lived"})
-    services.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+    refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
     expires_at = provider.tokens.get().expires_at.timestamp()
 
     database_url = child_database_url()

@@ -11,10 +11,10 @@ from pytest_httpserver import HTTPServer
 from tests.factories import make_provider, oauth2_config
 from tests.integration.endpoint import TokenEndpoint
 from tests.processes import purge_queues, wait_for
-from tokens import get_token, store
+from tokens import get_token, redis_client
+from tokens.constants import Reason
 from tokens.models import Token
-from tokens.services import Reason
-from tokens.tasks import enqueue
+from tokens.queue import refresh_send
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -37,7 +37,7 @@ def test_worker_killed_mid_refresh__lock_expires_and_next_refresh_succeeds(
     endpoint.delays = [30.0]  # the first call hangs until the worker is killed
     provider = make_provider(config=oauth2_config(endpoint.url), interval=600)
     wait_for(lambda: endpoint.calls == 1, 10, message="the refresh to start")
-    assert store.client().exists(f"tokens:lock:{provider.pk}")
+    assert redis_client.client().exists(f"tokens:lock:{provider.pk}")
     victim.kill()  # SIGKILL, mid-call: no release, no cleanup
 
     worker_factory(hostname="survivor", TOKENS_LOCK_TTL="2")
@@ -57,7 +57,7 @@ def test_two_workers__never_run_one_providers_refresh_twice_at_once(
     wait_for(lambda: endpoint.calls == 1, 10, message="the first token")
     endpoint.delay = 0.5
     for _ in range(16):
-        enqueue(provider.pk, Reason.MANUAL)
+        refresh_send(provider_id=provider.pk, reason=Reason.MANUAL, after_commit=False)
     wait_for(
         lambda: executed_refreshes(first.log()) + executed_refreshes(second.log()) >= 17,
         30,

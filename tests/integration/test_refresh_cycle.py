@@ -160,34 +160,6 @@ def test_beat__one_entry_schedules_many_providers_in_batches(
     wait_for(lambda: all(calls(p) >= 3 for p in providers), 20, message="scheduled refreshes")
 
 
-CALLERS = """
-import json, sys, threading, time
-import redis
-from django.conf import settings
-from tokens import get_token
-
-client = redis.Redis.from_url(settings.REDIS_URL)
-results, errors = [], []
-barrier = threading.Barrier(20)
-
-def call():
-    barrier.wait()
-    try:
-        results.append(get_token("api", timeout=20))
-    except Exception as error:
-        errors.append(repr(error))
-
-while not client.get("test:go"):
-    time.sleep(0.01)
-threads = [threading.Thread(target=call) for _ in range(20)]
-for thread in threads:
-    thread.start()
-for thread in threads:
-    thread.join()
-print(json.dumps({"results": results, "errors": errors}))
-"""
-
-
 @pytest.mark.parametrize("created_by", ["objects.create", "bulk_create (no signals)"])
 def test_cold_provider__20_threads_in_3_processes__one_endpoint_call(
     worker: Process, endpoint: TokenEndpoint, redis_client: redis.Redis, created_by: str
@@ -198,14 +170,9 @@ def test_cold_provider__20_threads_in_3_processes__one_endpoint_call(
     from tests.processes import ROOT, child_env
 
     endpoint.delay = 0.5
-    prologue = (
-        "import django, os\n"
-        "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'project.settings')\n"
-        "django.setup()\n"
-    )
     callers = [
         subprocess.Popen(
-            [sys.executable, "-c", prologue + CALLERS],
+            [sys.executable, "-m", "tests.callers", "api", "20", "test:go"],
             cwd=ROOT,
             env=child_env(),
             stdout=subprocess.PIPE,

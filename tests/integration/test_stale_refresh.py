@@ -8,10 +8,10 @@ from pytest_httpserver import HTTPServer
 from tests.factories import make_provider, oauth2_config
 from tests.integration.endpoint import TokenEndpoint
 from tests.processes import wait_for
-from tokens import get_token, store
+from tokens import cache, get_token, redis_client
+from tokens.constants import Reason
 from tokens.models import ProviderState, Token
-from tokens.services import Reason
-from tokens.tasks import enqueue
+from tokens.queue import refresh_send
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -26,16 +26,20 @@ def test_stale_refresh__finishing_late_does_not_overwrite_the_newer_token(
     provider = make_provider(config=oauth2_config(endpoint.url), interval=600)
     wait_for(lambda: Token.objects.filter(provider=provider).count() == 1, 10, message="tok-1")
 
-    enqueue(provider.pk, Reason.MANUAL)  # call 2 starts and stalls past the lock's TTL
+    refresh_send(
+        provider_id=provider.pk, reason=Reason.MANUAL, after_commit=False
+    )  # call 2 starts and stalls past the lock's TTL
     wait_for(lambda: endpoint.calls == 2, 10, message="the stalled call")
     wait_for(
-        lambda: not store.client().exists(f"tokens:lock:{provider.pk}"),
+        lambda: not redis_client.client().exists(f"tokens:lock:{provider.pk}"),
         5,
         message="the lock to expire",
     )
-    enqueue(provider.pk, Reason.MANUAL)  # call 3: takes the expired lock, stores tok-3
+    refresh_send(
+        provider_id=provider.pk, reason=Reason.MANUAL, after_commit=False
+    )  # call 3: takes the expired lock, stores tok-3
     wait_for(
-        lambda: store.get("api") and store.get("api").value == "tok-3",
+        lambda: cache.entry_get("api") and cache.entry_get("api").value == "tok-3",
         10,
         message="the newer token",
     )
@@ -46,7 +50,7 @@ def test_stale_refresh__finishing_late_does_not_overwrite_the_newer_token(
     newest = Token.objects.get(provider=provider, version=state.current_version)
     assert newest.value == "tok-3"
     assert not any(token.value == "tok-2" for token in Token.objects.filter(provider=provider))
-    assert store.get("api").value == "tok-3"
+    assert cache.entry_get("api").value == "tok-3"
     assert get_token("api") == "tok-3"
 
 

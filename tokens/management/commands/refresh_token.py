@@ -2,8 +2,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from tokens import services
+from tokens.constants import Reason
 from tokens.models import Provider
+from tokens.services import refresh
 
 
 class Command(BaseCommand):
@@ -17,9 +18,9 @@ class Command(BaseCommand):
         provider = Provider.objects.filter(name=options["name"]).first()
         if provider is None:
             raise CommandError(f"no token provider named {options['name']!r}")
-        result = services.token_refresh(provider_id=provider.pk, reason=services.Reason.MANUAL)
+        result = refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
         if result.token is None:
-            detail = f": {provider.refresh_state.last_error}" if result.error else ""
+            detail = f": {result.error}" if result.error else ""
             raise CommandError(f"{provider.name}: {result.outcome}{detail}")
         token = result.token
         expires = token.expires_at.isoformat() if token.expires_at else "never"

@@ -2,8 +2,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from tokens import crypto, services
+from tokens import crypto
 from tokens.exceptions import KeyRotationRefused
+from tokens.services import keys
 
 
 class Command(BaseCommand):
@@ -19,7 +20,7 @@ class Command(BaseCommand):
             f"the others only decrypt ({', '.join(fingerprints[1:]) or 'none'})"
         )
         try:
-            rows = services.encryption_keys_rotate()
+            rows = keys.encryption_keys_rotate()
         except KeyRotationRefused as error:
             raise CommandError(f"nothing rewritten: {error}") from None
         self.stdout.write(

@@ -2,7 +2,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from tokens import services
+from tokens.services import schedule
 
 
 class Command(BaseCommand):
@@ -12,7 +12,7 @@ class Command(BaseCommand):
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        report = services.schedules_sync_all()
+        report = schedule.next_runs_sync_all()
         for action in ("created", "updated"):
             for name in report[action]:
                 self.stdout.write(f"{action}: {name}")

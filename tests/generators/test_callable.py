@@ -6,9 +6,11 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from tests.factories import SECRET, make_provider
+from tokens.constants import Outcome, Reason
 from tokens.exceptions import GeneratorError
 from tokens.generators import get_generator
 from tokens.models import Provider
+from tokens.services import refresh
 
 GENERATOR = get_generator("callable")
 
@@ -80,7 +82,6 @@ def test_unlisted_path__is_never_imported_by_validation_or_by_a_refresh(
     TOKENS_CALLABLES is refused without importing its module (whose top-level code would run)."""
     import sys
 
-    from tokens import services
     from tokens.models import ProviderState
 
     marker = tmp_path / "imported"
@@ -95,8 +96,8 @@ def test_unlisted_path__is_never_imported_by_validation_or_by_a_refresh(
     # A row written around validation (a bulk update) still cannot run it.
     saved = make_provider("fn", kind="callable", config={"path": "tests.callables.mapping"})
     Provider.objects.filter(pk=saved.pk).update(config={"path": path})
-    result = services.token_refresh(provider_id=saved.pk, reason=services.Reason.MANUAL)
-    assert result.outcome == services.Outcome.FAILED
+    result = refresh.token_refresh(provider_id=saved.pk, reason=Reason.MANUAL)
+    assert result.outcome == Outcome.FAILED
     assert "TOKENS_CALLABLES" in ProviderState.objects.get(provider=saved).last_error
     assert "tests.unlisted_callables" not in sys.modules
     assert not marker.exists()
@@ -104,10 +105,9 @@ def test_unlisted_path__is_never_imported_by_validation_or_by_a_refresh(
 
 @pytest.mark.django_db
 def test_generator_that_raises_system_exit__is_a_permanent_failure_not_an_exit() -> None:
-    from tokens import services
     from tokens.models import ProviderState
 
     provider = make_provider("fn", kind="callable", config={"path": "tests.callables.exits"})
-    result = services.token_refresh(provider_id=provider.pk, reason=services.Reason.MANUAL)
-    assert result.outcome == services.Outcome.FAILED and result.permanent
+    result = refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+    assert result.outcome == Outcome.FAILED and result.permanent
     assert "raised SystemExit" in ProviderState.objects.get(provider=provider).last_error

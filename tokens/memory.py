@@ -1,7 +1,7 @@
 """Per-process memory of tokens, kept honest by a pub/sub listener thread.
 
 Every process that reads tokens keeps them in ``memory`` (name -> entry). A daemon thread
-subscribes to the store's channel; each "stored" or "changed" message drops the entry of that
+subscribes to the cache's channel; each "stored" or "changed" message drops the entry of that
 provider and wakes the threads waiting for it. While the thread is not subscribed (Redis down,
 reconnecting) the memory is emptied and new entries are trusted only for a short max-age.
 """
@@ -16,8 +16,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from tokens import store
 from tokens.conf import tokens_settings
+from tokens.redis_client import channel, client
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ class Listener:
         while not self._stopping.is_set():
             pubsub = None
             try:
-                pubsub = store.client().pubsub()
-                pubsub.subscribe(store.channel())
+                pubsub = client().pubsub()
+                pubsub.subscribe(channel())
                 while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is None:
@@ -144,6 +144,13 @@ class Listener:
 
 
 listener = Listener()
+
+
+def entry_drop(name: str, *, up_to_version: int) -> None:
+    """Forget this process's entry of ``name`` if it is no newer than ``up_to_version``."""
+    entry = memory.get(name)
+    if entry is not None and entry[2] <= up_to_version:
+        memory.pop(name, None)
 
 
 def _after_fork() -> None:

@@ -1,0 +1,137 @@
+"""Refresh locks and readers' claims in Redis: at most one refresh per provider at a time
+fleet-wide, and one request for a refresh per provider while one is pending.
+
+Locks take redis-py's ``Lock`` keys and values (``lock()``), so either sees the other; they expire
+by TOKENS_LOCK_TTL if their holder dies. Claims (``pending``, ``inval``, ``manual``) are
+``SET NX`` keys with a TTL.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from redis.lock import Lock
+
+from tokens.conf import tokens_settings
+from tokens.redis_client import best_effort, client, key, run_script, translated
+
+logger = logging.getLogger("tokens")
+
+# Delete a lock only if it still holds our token (redis-py's Lock does the same, one at a time).
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def lock(provider_id: int) -> Lock:
+    """The fleet-wide lock of one provider's refresh (redis-py's Lock, non-blocking)."""
+    return client().lock(
+        key("lock", provider_id),
+        timeout=tokens_settings.seconds("LOCK_TTL"),
+        blocking=False,
+    )
+
+
+def locks_acquire(provider_ids: list[int]) -> dict[int, str]:
+    """Take each provider's refresh lock that is free, in one round trip: {id: lock token}.
+    CacheUnavailable when Redis is unreachable."""
+    ttl_ms = int(tokens_settings.seconds("LOCK_TTL") * 1000)
+    wanted = {pid: uuid.uuid4().hex for pid in provider_ids}
+    with translated():
+        pipe = client().pipeline(transaction=False)
+        for pid, token in wanted.items():
+            pipe.set(key("lock", pid), token, nx=True, px=ttl_ms)
+        taken = pipe.execute()
+    return {pid: token for (pid, token), ok in zip(wanted.items(), taken, strict=True) if ok}
+
+
+def locks_release(held: dict[int, str]) -> None:
+    """Release locks taken by ``locks_acquire``; one that had expired (its holder outlived its
+    TTL) is logged."""
+    if not held:
+        return
+    with best_effort("release refresh locks"):
+        script = client().register_script(_RELEASE)
+        released = run_script(
+            script, [([key("lock", pid)], [token]) for pid, token in held.items()]
+        )
+        for pid, ok in zip(held, released, strict=True):
+            if not ok:
+                logger.warning("tokens: refresh lock of provider %s expired before release", pid)
+
+
+def locks_held(provider_ids: list[int]) -> list[bool]:
+    """Whether each provider's refresh lock is held (one round trip); all False when Redis is
+    unreachable (for display: nothing is known to be refreshing)."""
+    if not provider_ids:
+        return []
+    with best_effort("read refresh locks"):
+        values = client().mget([key("lock", pid) for pid in provider_ids])
+        return [value is not None for value in values]  # type: ignore[union-attr]
+    return [False] * len(provider_ids)
+
+
+def locks_held_ids() -> set[int]:
+    """Ids of the providers whose refresh lock is held now (empty when Redis is unreachable)."""
+    prefix = key("lock", "")
+    ids: set[int] = set()
+    with best_effort("read refresh locks"):
+        for name in client().scan_iter(match=f"{prefix}*", count=1000):
+            suffix = name.decode().removeprefix(prefix)
+            if suffix.isdigit():
+                ids.add(int(suffix))
+    return ids
+
+
+def pending_claim(provider_id: int) -> bool:
+    """Claim the right to ask for a refresh for readers; False if one was asked for already.
+    CacheUnavailable when Redis is unreachable."""
+    ttl_ms = int(tokens_settings.seconds("PENDING_TTL") * 1000)
+    with translated():
+        return bool(client().set(key("pending", provider_id), "1", nx=True, px=ttl_ms))
+
+
+def pending_clear(provider_id: int) -> None:
+    """Let readers ask for a refresh of ``provider_id`` again at once."""
+    with best_effort("clear a pending refresh"):
+        client().delete(key("pending", provider_id))
+
+
+def pending_settle(*, clear: list[int], hold: dict[int, float]) -> None:
+    """Let readers ask for a refresh of ``clear`` again at once, and of ``hold`` (id: seconds)
+    only after that long; one round trip."""
+    if not clear and not hold:
+        return
+    with best_effort("settle pending refreshes"):
+        pipe = client().pipeline(transaction=False)
+        if clear:
+            pipe.delete(*[key("pending", pid) for pid in clear])
+        for pid, seconds in hold.items():
+            pipe.set(key("pending", pid), "1", px=max(1, int(seconds * 1000)))
+        pipe.execute()
+
+
+def pending_hold_for_locks(provider_ids: list[int]) -> None:
+    """Keep readers from asking again while each refresh lock lives (at least briefly)."""
+    with best_effort("hold pending refreshes"):
+        pipe = client().pipeline(transaction=False)
+        for pid in provider_ids:
+            pipe.pttl(key("lock", pid))
+        remaining = pipe.execute()
+        pending_settle(
+            clear=[],
+            hold={
+                pid: max(int(ms), 50) / 1000
+                for pid, ms in zip(provider_ids, remaining, strict=True)
+            },
+        )
+
+
+def claim(kind: str, provider_id: int, seconds: float) -> bool:
+    """Claim ``kind`` ("inval", "manual") for ``provider_id`` for ``seconds``; False if taken.
+    CacheUnavailable when Redis is unreachable."""
+    ttl_ms = max(1, int(seconds * 1000))
+    with translated():
+        return bool(client().set(key(kind, provider_id), "1", nx=True, px=ttl_ms))

@@ -1,0 +1,90 @@
+"""A failed refresh: what is recorded, what is logged, and when to try again.
+
+The issuer's words may echo the secret in any encoding: they are scrubbed with the provider's
+secret and every token it still has, or withheld whole, before anything is cut, stored or
+logged. Only the newest refresh reports (a config change or a newer refresh moved the fence on).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from datetime import datetime, timedelta
+
+from django.db.models import F
+from django.utils import timezone
+
+from tokens import metrics, selectors
+from tokens.conf import tokens_settings
+from tokens.constants import Outcome
+from tokens.exceptions import GeneratorError
+from tokens.models import Provider, ProviderState
+from tokens.sanitize import WITHHELD, echoes, scrub
+from tokens.services.results import RefreshResult
+
+logger = logging.getLogger("tokens.refresh")
+
+
+def retry_delay(*, failures: int, retry_after: float | None = None) -> float:
+    """Exponential backoff with full jitter in its upper half, capped by TOKENS_RETRY_MAX."""
+    cap = tokens_settings.seconds("RETRY_MAX")
+    base = tokens_settings.seconds("RETRY_BASE")
+    delay = min(cap, base * 2 ** max(0, failures - 1)) * random.uniform(0.5, 1.0)  # noqa: S311
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, cap))
+    return delay
+
+
+def failure_record(
+    *,
+    provider: Provider,
+    fence: int,
+    error: GeneratorError,
+    duration: float,
+    attempted: datetime,
+) -> RefreshResult:
+    """Record a failed refresh (sanitized), count and log it; when to try again."""
+    now = timezone.now()
+    state = provider.state_or_none
+    metrics.REFRESH_DURATION.labels(provider.kind).observe(duration)
+    metrics.REFRESHES.labels(provider.name, "failed").inc()
+    metrics.REFRESH_FAILURES.labels(provider.name, error.kind).inc()
+    secrets = [provider.secret, *selectors.provider_token_values(provider=provider)]
+    detail = error.detail
+    if detail and echoes(detail, secrets):
+        detail = WITHHELD
+    message = scrub(f"{error.kind}: {error}" + (f": {detail}" if detail else ""), secrets)
+    failures = (state.consecutive_failures if state else 0) + 1
+    if error.transient:
+        retry_in: float | None = retry_delay(failures=failures, retry_after=error.retry_after)
+        next_attempt = now + timedelta(seconds=retry_in or 0)
+    else:
+        # Permanent: no retries; the next scheduled run (or a config change) tries again.
+        retry_in = None
+        next_attempt = None
+    ProviderState.objects.filter(provider_id=provider.pk, fence=fence).update(
+        consecutive_failures=F("consecutive_failures") + 1,
+        last_error=message,
+        last_error_at=now,
+        last_attempt_at=attempted,
+        next_attempt_at=next_attempt,
+        permanent_error=not error.transient,
+    )
+    logger.warning(
+        "refresh failed provider=%s version=%s error_class=%s failures=%s duration_ms=%d "
+        "retry_in=%s outcome=failed error=%s",
+        provider.name,
+        fence,
+        error.kind,
+        failures,
+        duration * 1000,
+        f"{retry_in:.1f}" if retry_in is not None else "none",
+        message,
+    )
+    return RefreshResult(
+        Outcome.FAILED,
+        error=message,
+        retry_in=retry_in,
+        retry_at=next_attempt,
+        permanent=not error.transient,
+    )

@@ -1,0 +1,248 @@
+"""Refreshing tokens: at most one refresh per provider at a time fleet-wide, stores fenced by
+version, and readers told when they may ask again."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from django.utils import timezone
+
+from tokens import cache, locks, metrics, queue, selectors
+from tokens.cache import CachedToken
+from tokens.conf import tokens_settings
+from tokens.constants import Outcome, Reason
+from tokens.exceptions import CacheUnavailable
+from tokens.models import Provider, ProviderState, Token
+from tokens.services.attempts import Attempt, Interrupted, attempts_run, still_running
+from tokens.services.failures import failure_record
+from tokens.services.results import RefreshResult
+from tokens.services.schedule import next_runs_soon
+from tokens.services.versions import fences_next, tokens_store_many
+
+logger = logging.getLogger("tokens.refresh")
+
+# Stores (and cache writes) happen per group of this many providers: one transaction each.
+STORE_GROUP = 10
+
+
+def token_refresh(*, provider_id: int, reason: Reason = Reason.SCHEDULE) -> RefreshResult:
+    """Refresh one provider's token, at most one refresh per provider at a time fleet-wide.
+
+    Skips (without calling the generator) when the provider is gone or disabled, when another
+    refresh holds the lock, and, unless the reason is MANUAL: when its token is still fresh,
+    while a transient failure's backoff lasts, and after a permanent failure until the next
+    scheduled run. Stores are fenced by version: a late, older refresh never wins.
+    """
+    return refresh_many(provider_ids=[provider_id], reason=reason)[provider_id]
+
+
+def refresh_many(
+    *, provider_ids: list[int], reason: Reason, deadline: float | None = None
+) -> dict[int, RefreshResult]:
+    """``token_refresh`` for several providers, with the same guarantees, in few round trips.
+
+    Locks are taken first (one Redis pipeline) and the providers read once, under them; their
+    versions are handed out in one statement. The generators then run TOKENS_REFRESH_CONCURRENCY
+    at a time (each HTTP call within its own deadline), so one slow endpoint costs the others
+    nothing; tokens are stored and cached per group of STORE_GROUP. A provider not yet begun
+    when ``deadline`` (monotonic) has passed is left out of the result: the caller hands it on.
+    """
+    results: dict[int, RefreshResult] = {}
+    try:
+        held: dict[int, str] | None = locks.locks_acquire(provider_ids)
+    except CacheUnavailable:
+        # Without Redis there is no lock; the version fence still keeps stores ordered.
+        logger.warning("tokens: Redis unavailable, refreshing without the lock")
+        held = None
+    locked = list(provider_ids) if held is None else [pid for pid in provider_ids if pid in held]
+    busy = [pid for pid in provider_ids if held is not None and pid not in held]
+    if busy:
+        # Readers ask again when the lock expires, in case its holder died mid-refresh. A
+        # refresh asked for now may find a holder with an old config, or one that found the
+        # token fresh: the schedule takes it over rather than drop it.
+        locks.pending_hold_for_locks(busy)
+        if reason == Reason.MANUAL:
+            next_runs_soon(provider_ids=busy)
+        results.update((pid, RefreshResult(Outcome.IN_FLIGHT)) for pid in busy)
+    try:
+        providers = selectors.providers_for_refresh(provider_ids=locked)
+        stateless = [pid for pid, provider in providers.items() if provider.state_or_none is None]
+        if stateless:  # made by bulk_create: their state row first
+            ProviderState.objects.ensure(stateless)
+            providers.update(selectors.providers_for_refresh(provider_ids=stateless))
+        due: list[Provider] = []
+        for pid in locked:
+            provider = providers.get(pid)
+            if provider is None:
+                results[pid] = RefreshResult(Outcome.MISSING)
+                continue
+            state = provider.refresh_state
+            early = _skip_reason(provider, state, reason)
+            if early is None:
+                due.append(provider)
+            else:
+                results[pid] = RefreshResult(
+                    early, retry_at=state.next_attempt_at, permanent=state.permanent_error
+                )
+        if due and (deadline is None or time.monotonic() < deadline):
+            try:
+                results.update(_refresh_due(due, deadline, held))
+            except Interrupted as stopped:
+                results.update(_record_failures(stopped.attempts))
+                _settle_pending(results)
+                raise stopped.limit from None
+    finally:
+        if held:
+            locks.locks_release(held)
+    _settle_pending(results)
+    return results
+
+
+def refresh_for_operator(*, provider_id: int) -> bool:
+    """Send an operator's "Refresh now", at most once per provider per TOKENS_HTTP_TIMEOUT
+    (repeated clicks, or a script posting them, cannot send a refresh each); False when one
+    was asked for moments ago."""
+    try:
+        claimed = locks.claim("manual", provider_id, tokens_settings.seconds("HTTP_TIMEOUT"))
+    except CacheUnavailable:
+        claimed = True  # without Redis there is no claim; the lock still serializes refreshes
+    if claimed:
+        failing = selectors.provider_is_failing(provider_id=provider_id)
+        queue.refresh_send(provider_id=provider_id, reason=Reason.MANUAL, failing=failing)
+    return claimed
+
+
+def _skip_reason(provider: Provider, state: ProviderState, reason: Reason) -> Outcome | None:
+    if not provider.enabled:
+        return Outcome.DISABLED
+    if reason == Reason.MANUAL:
+        return None
+    now = timezone.now()
+    if state.token_is_fresh(provider.refresh_interval, now):
+        return Outcome.FRESH
+    if state.permanent_error:
+        # Retrying will not help: only the schedule (once per interval) or a change tries again.
+        if reason != Reason.SCHEDULE:
+            return Outcome.BACKOFF
+        recent = state.last_attempt_at is not None and (
+            now - state.last_attempt_at < provider.refresh_interval / 2
+        )
+        return Outcome.BACKOFF if recent else None
+    if state.next_attempt_at is not None and now < state.next_attempt_at:
+        return Outcome.BACKOFF
+    return None
+
+
+def _refresh_due(
+    providers: list[Provider], deadline: float | None, held: dict[int, str] | None
+) -> dict[int, RefreshResult]:
+    results: dict[int, RefreshResult] = {}
+    running = still_running(provider_ids=[p.pk for p in providers])
+    results.update((pid, RefreshResult(Outcome.IN_FLIGHT)) for pid in running)
+    providers = [p for p in providers if p.pk not in running]
+    if not providers:
+        return results
+    fences = fences_next(provider_ids=[p.pk for p in providers])
+    gone = [p for p in providers if p.pk not in fences]  # deleted since they were read
+    results.update((p.pk, RefreshResult(Outcome.MISSING)) for p in gone)
+    attempts = attempts_run(
+        providers=[p for p in providers if p.pk in fences],
+        fences=fences,
+        deadline=deadline,
+        held=held,
+    )
+    results.update(_record_failures([a for a in attempts if a.generated is None]))
+    made = [a for a in attempts if a.generated is not None]
+    for start in range(0, len(made), STORE_GROUP):
+        group = made[start : start + STORE_GROUP]
+        stored = tokens_store_many(
+            items=[(a.provider, a.fence, a.generated, a.attempted) for a in group]  # type: ignore[misc]
+        )
+        _cache_stored([(a.provider, token) for a, token in zip(group, stored, strict=True)])
+        for attempt, token in zip(group, stored, strict=True):
+            results[attempt.provider.pk] = _report_stored(
+                attempt.provider, attempt.fence, token, attempt.duration
+            )
+    return results
+
+
+def _record_failures(attempts: list[Attempt]) -> dict[int, RefreshResult]:
+    results = {}
+    for attempt in attempts:
+        assert attempt.error is not None
+        results[attempt.provider.pk] = failure_record(
+            provider=attempt.provider,
+            fence=attempt.fence,
+            error=attempt.error,
+            duration=attempt.duration,
+            attempted=attempt.attempted,
+        )
+    return results
+
+
+def _cache_stored(stored: list[tuple[Provider, Token | None]]) -> None:
+    """Cache the tokens that won their store and tell every process (one round trip)."""
+    entries = [(p.name, CachedToken.from_row(token)) for p, token in stored if token is not None]
+    try:
+        cache.entries_put(entries, now=time.time(), publish=True)
+    except CacheUnavailable:
+        logger.warning(
+            "tokens: Redis unavailable, %s token(s) stored in the database only (%s)",
+            len(entries),
+            ", ".join(name for name, _ in entries[:5]),
+        )
+
+
+def _report_stored(
+    provider: Provider, fence: int, token: Token | None, duration: float
+) -> RefreshResult:
+    metrics.REFRESH_DURATION.labels(provider.kind).observe(duration)
+    metrics.REFRESHES.labels(provider.name, "stored" if token else "stale").inc()
+    if token is None:
+        logger.info(
+            "refresh discarded provider=%s version=%s outcome=stale duration_ms=%d",
+            provider.name,
+            fence,
+            duration * 1000,
+        )
+        return RefreshResult(Outcome.STALE)
+    logger.info(
+        "refresh stored provider=%s version=%s fingerprint=%s expires_at=%s duration_ms=%d "
+        "outcome=stored",
+        provider.name,
+        token.version,
+        token.fingerprint,
+        token.expires_at.isoformat() if token.expires_at else "never",
+        duration * 1000,
+    )
+    return RefreshResult(Outcome.STORED, token=token)
+
+
+def _settle_pending(results: dict[int, RefreshResult]) -> None:
+    """When readers may ask for a refresh again (the "pending" claim's new lifetime).
+
+    After a token was stored (or found fresh): after TOKENS_READER_COOLDOWN, so a token that is
+    useless at once cannot turn each read into an endpoint call. After a transient failure: once
+    its retry (sent on the scheduled queue) has had the time to run, so readers of a failing
+    provider add no calls of their own. After a permanent failure: not before the lock TTL (the
+    schedule still runs). A provider whose lock another refresh holds is left to that refresh.
+    """
+    clear: list[int] = []
+    hold: dict[int, float] = {}
+    now = timezone.now()
+    cooldown = tokens_settings.seconds("READER_COOLDOWN")
+    for pid, result in results.items():
+        failed = result.outcome in (Outcome.BACKOFF, Outcome.FAILED)
+        if result.outcome == Outcome.IN_FLIGHT:
+            continue
+        if failed and result.permanent:
+            hold[pid] = tokens_settings.seconds("LOCK_TTL")
+        elif failed and result.retry_at is not None:
+            until_retry = (result.retry_at - now).total_seconds()
+            hold[pid] = max(until_retry, 0.0) + tokens_settings.seconds("HTTP_TIMEOUT") + 1.0
+        elif result.outcome in (Outcome.STORED, Outcome.FRESH) and cooldown > 0:
+            hold[pid] = cooldown
+        else:
+            clear.append(pid)
+    locks.pending_settle(clear=clear, hold=hold)

@@ -1,0 +1,104 @@
+"""Versions and the stored tokens: every refresh or invalidation takes the provider's next
+version (its fence) from the database, and a token is stored only if its version is newer than
+the current one, so a late, older writer never wins."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from django.db import connections, router, transaction
+from django.db.models import OuterRef, Subquery
+from django.utils import timezone
+
+from tokens.conf import tokens_settings
+from tokens.generators import GeneratedToken
+from tokens.models import Provider, ProviderState, Token
+
+logger = logging.getLogger("tokens.refresh")
+
+
+def fences_next(*, provider_ids: list[int]) -> dict[int, int]:
+    """Hand out the next version of each provider in one statement; the row locks order
+    concurrent callers. Providers without a state row (deleted) are left out."""
+    if not provider_ids:
+        return {}
+    connection = connections[router.db_for_write(ProviderState)]
+    quote = connection.ops.quote_name
+    marks = ", ".join(["%s"] * len(provider_ids))
+    # Identifiers are the model's own, quoted; values are parameters.
+    sql = (
+        f"UPDATE {quote(ProviderState._meta.db_table)} "  # noqa: S608
+        f"SET {quote('fence')} = {quote('fence')} + 1 "
+        f"WHERE {quote('provider_id')} IN ({marks}) "
+        f"RETURNING {quote('provider_id')}, {quote('fence')}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, list(provider_ids))
+        return {int(pid): int(fence) for pid, fence in cursor.fetchall()}
+
+
+def fence_next(*, provider_id: int) -> int:
+    """The next version of one provider (ProviderState.DoesNotExist when it has no state)."""
+    fence = fences_next(provider_ids=[provider_id]).get(provider_id)
+    if fence is None:
+        raise ProviderState.DoesNotExist(f"no refresh state for provider {provider_id}")
+    return fence
+
+
+def tokens_store_many(
+    *, items: list[tuple[Provider, int, GeneratedToken, datetime]]
+) -> list[Token | None]:
+    """Persist each (provider, version, token, attempted) whose version is newer than its
+    provider's current one, in one transaction; None where a newer one won."""
+    if not items:
+        return []
+    now = timezone.now()
+    results: list[Token | None] = []
+    won: list[Token] = []
+    with transaction.atomic():
+        for provider, fence, generated, attempted in items:
+            token = Token.from_generated(
+                provider_id=provider.pk, version=fence, generated=generated, issued_at=now
+            )
+            updated = ProviderState.objects.filter(
+                provider_id=provider.pk, current_version__lt=fence
+            ).update(
+                current_version=fence,
+                last_refresh_at=now,
+                last_attempt_at=attempted,
+                expires_at=generated.expires_at,
+                consecutive_failures=0,
+                last_error="",
+                next_attempt_at=None,
+                permanent_error=False,
+                fingerprint=token.fingerprint,
+            )
+            if not updated:
+                results.append(None)
+                continue
+            state = provider.state_or_none
+            if state is not None and token.fingerprint == state.fingerprint:
+                # The issuer handed back the token we had: refreshing earlier gains nothing.
+                logger.warning(
+                    "refresh got the same token again provider=%s fingerprint=%s",
+                    provider.name,
+                    token.fingerprint,
+                )
+            won.append(token)
+            results.append(token)
+        if won:
+            Token.objects.bulk_create(won)
+            history_prune(provider_ids=[token.provider_id for token in won])
+    return results
+
+
+def history_prune(*, provider_ids: list[int]) -> None:
+    """Keep each provider's newest TOKENS_HISTORY tokens, in one statement."""
+    keep = max(1, int(tokens_settings.HISTORY))
+    oldest_kept = (
+        Token.objects.filter(provider_id=OuterRef("provider_id"))
+        .order_by("-version")
+        .values("version")[keep : keep + 1]
+    )
+    Token.objects.filter(provider_id__in=provider_ids, version__lte=Subquery(oldest_kept)).delete()
