@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from project import processes
+
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".state"
 
@@ -82,8 +84,9 @@ def warm_read(report: Report, quick: bool) -> None:
     from django_redis.cache import RedisCache as DjangoRedisCache
 
     from tokens import get_token
+    from tokens.constants import Reason
     from tokens.models import Provider
-    from tokens.services import Reason, token_refresh
+    from tokens.services.refresh import token_refresh
 
     provider = Provider.objects.create(
         name="warm", kind="callable", config={"path": "bench.generators.instant"}
@@ -145,8 +148,9 @@ print(json.dumps(seen), flush=True)
 
 
 def freshness(report: Report, quick: bool) -> None:
+    from tokens.constants import Reason
     from tokens.models import Provider
-    from tokens.services import Reason, token_refresh
+    from tokens.services.refresh import token_refresh
 
     refreshes = 40 if quick else 200
     provider = Provider.objects.create(
@@ -244,30 +248,6 @@ def cold_first_token(report: Report, quick: bool) -> None:
     )
 
 
-BURST = r"""
-import sys, threading, time, json
-import django
-django.setup()
-from tokens import get_token
-import redis, os
-client = redis.Redis.from_url(os.environ["REDIS_URL"])
-results, errors = [], []
-barrier = threading.Barrier(50)
-def call():
-    barrier.wait()
-    try:
-        results.append(get_token("burst", timeout=20))
-    except Exception as exc:
-        errors.append(repr(exc))
-while not client.get("bench:go"):
-    time.sleep(0.005)
-threads = [threading.Thread(target=call) for _ in range(50)]
-[t.start() for t in threads]
-[t.join() for t in threads]
-print(json.dumps({"ok": len(results), "errors": errors, "distinct": len(set(results))}))
-"""
-
-
 def cold_burst(report: Report) -> None:
     import redis
 
@@ -278,14 +258,20 @@ def cold_burst(report: Report) -> None:
     Provider.objects.bulk_create(
         [Provider(name="burst", kind="callable", config={"path": "bench.generators.instant"})]
     )
+    # The same callers as the cold-burst test (tests/callers.py): 4 processes x 50 threads.
     callers = [
-        subprocess.Popen([sys.executable, "-c", BURST], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.callers", "burst", "50", "bench:go"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(4)
     ]
     time.sleep(3)
     client.set("bench:go", "1")
     results = [json.loads(c.communicate(timeout=60)[0].strip().splitlines()[-1]) for c in callers]
-    ok = sum(r["ok"] for r in results)
+    ok = sum(len(r["results"]) for r in results)
     errors = sum(len(r["errors"]) for r in results)
     calls = int(client.get("bench:calls:burst") or 0)
     report.add(
@@ -302,18 +288,18 @@ def cold_burst(report: Report) -> None:
 def memory_layer(report: Report, quick: bool) -> None:
     import tracemalloc
 
-    from tokens import notify
+    from tokens import memory
 
     count = 10_000
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
     for i in range(count):
-        notify.memory[f"provider-{i:05d}"] = ("x" * 40 + f"{i:08d}", time.time() + 60, i, "Bearer")
+        memory.memory[f"provider-{i:05d}"] = ("x" * 40 + f"{i:08d}", time.time() + 60, i, "Bearer")
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     used = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     for i in range(count):
-        notify.memory.pop(f"provider-{i:05d}", None)
+        memory.memory.pop(f"provider-{i:05d}", None)
     report.add(
         "6. memory layer per provider (48-char tokens, 10,000 entries)",
         f"{used / count:.0f} B",
@@ -327,13 +313,13 @@ WEB = r"""
 import sys, psutil
 import django
 django.setup()
-from tokens import get_token, notify
+from tokens import get_token, memory
 count = int(sys.argv[1])
 before = psutil.Process().memory_info().rss
 for i in range(count):
     get_token(f"rss-{i}", timeout=10)
 after = psutil.Process().memory_info().rss
-print(len(notify.memory), before, after, flush=True)
+print(len(memory.memory), before, after, flush=True)
 """
 
 
@@ -419,9 +405,9 @@ def throughput(report: Report, quick: bool) -> None:
     from django.db import connection
 
     from tokens.conf import tokens_settings
+    from tokens.constants import Reason
     from tokens.models import Provider, ProviderState
-    from tokens.services import Reason
-    from tokens.tasks import enqueue, enqueue_batch
+    from tokens.queue import batch_send, refresh_send
 
     count = 300 if quick else 2000
     size = int(tokens_settings.DISPATCH_BATCH)
@@ -441,10 +427,10 @@ def throughput(report: Report, quick: bool) -> None:
         started = time.perf_counter()
         if prefix == "tp":
             for pk in ids:
-                enqueue(pk, Reason.MANUAL)
+                refresh_send(provider_id=pk, reason=Reason.MANUAL, after_commit=False)
         else:
             for start in range(0, count, size):
-                enqueue_batch(ids[start : start + size], due=None)
+                batch_send(provider_ids=ids[start : start + size], due=None)
         deadline = time.monotonic() + 600
         done = 0
         while time.monotonic() < deadline:
@@ -530,8 +516,7 @@ def main() -> int:
             scale(report, args.quick)
     finally:
         if worker is not None:
-            worker.terminate()
-            worker.wait(30)
+            processes.stop(worker, timeout=30)
         if server is not None:
             server.stop()
     print()

@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from project import processes
+
 if TYPE_CHECKING:
     from bench.__main__ import Report
 
@@ -48,12 +50,7 @@ def cpu_seconds(process: subprocess.Popen[bytes]) -> float:
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
+    processes.stop(process, timeout=30)
 
 
 def sleep_until(moment: float) -> None:
@@ -73,8 +70,8 @@ def scale(report: Report, quick: bool) -> None:
     import redis
     from django.db import connection
 
-    from tokens import services
     from tokens.models import Provider, ProviderState
+    from tokens.services import schedule
 
     count, every, periods = (300, 5, 2) if quick else (10_000, 60, 2)
     fresh_database()
@@ -93,7 +90,7 @@ def scale(report: Report, quick: bool) -> None:
         ],
         batch_size=1000,
     )  # bulk_create sends no signals: sync_token_schedules gives them their schedule
-    services.schedules_sync_all()
+    schedule.next_runs_sync_all()
     first_due = {
         pk: due.timestamp()
         for pk, due in ProviderState.objects.filter(
@@ -185,10 +182,10 @@ def beat_baseline(report: Report, quick: bool, count: int, every: int, tokens_cp
     from django.utils import timezone
     from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTasks
 
-    from tokens import services
+    from tokens.constants import DISPATCH_ENTRY
 
     fresh_database()
-    PeriodicTask.objects.filter(name=services.DISPATCH_SCHEDULE).update(enabled=False)
+    PeriodicTask.objects.filter(name=DISPATCH_ENTRY).update(enabled=False)
     broker = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
     broker.delete("bench-void")
     schedule, _ = IntervalSchedule.objects.get_or_create(

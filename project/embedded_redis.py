@@ -20,6 +20,8 @@ from pathlib import Path
 
 import redis
 
+from project.processes import stop
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -121,13 +123,7 @@ class EmbeddedRedis:
         process, self.process = self.process, None
         if process is None:
             return ""
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        stop(process, timeout=5)
         stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
         if process.stderr:
             process.stderr.close()
