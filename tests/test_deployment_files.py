@@ -126,3 +126,13 @@ def test_lanes__each_queue_has_its_own_worker_in_the_procfile_and_compose() -> N
         urgent = option(source["urgent"], "queues").split(",")
         assert settings.TOKENS_QUEUE_URGENT in urgent
         assert settings.TOKENS_QUEUE_SCHEDULED not in urgent
+
+
+def test_readme__every_test_it_cites_exists() -> None:
+    """The Guarantees and Security model tables name the tests that prove each line."""
+    readme = (ROOT / "README.md").read_text()
+    cited = set(re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", readme))
+    assert len(cited) > 20
+    for path, name in cited:
+        source = (ROOT / path).read_text()
+        assert not name or f"def {name}(" in source, f"{path}::{name} is gone"
