@@ -205,9 +205,3 @@ def echoes(text: str, secrets: Iterable[str | None]) -> bool:
         if any(gram in folded for gram in grams if len(gram) < DETECT):
             return True
     return False
-
-
-def shorten(text: str, limit: int = 100) -> str:
-    """A caller-supplied value (a provider name) cut for an error message."""
-    shown = _printable(text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"

@@ -31,7 +31,7 @@ import httpx
 from tokens.conf import tokens_settings
 from tokens.exceptions import GeneratorError
 
-USER_AGENT = "tokens (access-token manager; +https://github.com/)"
+USER_AGENT = "tokens/0.1 (Django access-token manager)"
 
 
 @dataclass(frozen=True)
