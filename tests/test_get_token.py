@@ -11,7 +11,7 @@ import redis
 from django.db import connection
 from django.utils import timezone
 
-from tests.factories import make_provider
+from tests.factories import counted_provider, make_provider
 from tests.processes import purge_queues, wait_for
 from tokens import (
     ProviderDisabled,
@@ -30,12 +30,6 @@ from tokens.models import Provider, ProviderState, Token
 from tokens.services import refresh
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def counted_provider(name: str = "api", **kwargs: object) -> Provider:
-    return make_provider(
-        name, kind="callable", config={"path": "tests.callables.counted"}, **kwargs
-    )
 
 
 def refreshed(name: str = "api") -> Provider:
