@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
@@ -12,7 +12,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from tokens import selectors
+from tokens import connect, selectors
 from tokens.conf import tokens_settings
 from tokens.forms import ProviderForm
 from tokens.models import Provider, ProviderState, Token
@@ -22,6 +22,7 @@ from tokens.status import Status, refreshing_all, refreshing_ids, status_of, wit
 BADGE_COLOURS = {
     Status.OK: "#1e7e34",
     Status.REFRESHING: "#1f6feb",
+    Status.RECONNECT: "#6f42c1",
     Status.FAILING: "#b35900",
     Status.EXPIRED: "#b02a37",
     Status.NEVER: "#6c757d",
@@ -80,7 +81,7 @@ class StatusFilter(admin.SimpleListFilter):
     parameter_name = "status"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [(status.value, status.value) for status in Status]
+        return [(status.value, status.label) for status in Status]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Provider]) -> QuerySet[Provider]:
         value = self.value()
@@ -112,7 +113,7 @@ class ProviderAdmin(admin.ModelAdmin):
     readonly_fields = ["status_badge", "next_refresh", "schedule_link", "flower_link"]
     fieldsets = [
         ("Identity", {"fields": ["name", "kind", "enabled"]}),
-        ("Generator", {"fields": ["config", "secret"]}),
+        ("Generator", {"fields": ["config", "secret", "refresh_token"]}),
         ("Schedule", {"fields": ["refresh_interval", "next_refresh", "schedule_link"]}),
         ("Status", {"fields": ["status_badge", "flower_link"]}),
     ]
@@ -135,7 +136,7 @@ class ProviderAdmin(admin.ModelAdmin):
             'padding:1px 8px;border-radius:8px;">{}</span>',
             status.value,
             BADGE_COLOURS[status],
-            status.value,
+            status.label,
         )
 
     @admin.display(description="fingerprint")
@@ -220,6 +221,10 @@ class ProviderAdmin(admin.ModelAdmin):
     def secret_status(self, obj: Provider) -> str:
         return "stored (write-only: never shown)" if obj.secret else "none"
 
+    @admin.display(description="refresh token")
+    def refresh_token_status(self, obj: Provider) -> str:
+        return "stored (write-only: never shown)" if obj.refresh_token else "none"
+
     # ------------------------------------------------------------------ permissions
     #
     # Django's meaning, action by action: view_provider sees pages and the list (never the
@@ -245,8 +250,15 @@ class ProviderAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj: Provider | None = None) -> Any:
         fields = list(super().get_readonly_fields(request, obj))
         if obj is not None and not self.has_change_permission(request, obj):
-            fields.append("secret_status")
+            fields += ["secret_status", "refresh_token_status"]
         return fields
+
+    def get_form(
+        self, request: HttpRequest, obj: Provider | None = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        form = cast(type[ProviderForm], super().get_form(request, obj, change, **kwargs))
+        form.redirect_uri = connect.redirect_uri(request)  # a class made for this request
+        return form
 
     def change_view(
         self,
@@ -255,9 +267,14 @@ class ProviderAdmin(admin.ModelAdmin):
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
+        provider = Provider.objects.filter(pk=object_id).first() if object_id.isdigit() else None
         extra_context = {
             **(extra_context or {}),
             "can_refresh": self.has_refresh_permission(request),
+            "can_connect": provider is not None
+            and connect.connectable(provider)
+            and self.has_change_permission(request, provider),
+            "connected": bool(provider and provider.refresh_token),
         }
         return super().change_view(request, object_id, form_url, extra_context)
 
@@ -309,7 +326,12 @@ class ProviderAdmin(admin.ModelAdmin):
                 "<int:object_id>/refresh/",
                 self.admin_site.admin_view(self.refresh_view),
                 name="tokens_provider_refresh",
-            )
+            ),
+            path(
+                "<int:object_id>/connect/",
+                self.admin_site.admin_view(self.connect_view),
+                name="tokens_provider_connect",
+            ),
         ]
         return custom + super().get_urls()
 
@@ -321,7 +343,30 @@ class ProviderAdmin(admin.ModelAdmin):
             self._refresh(request, provider)
         return HttpResponseRedirect(reverse("admin:tokens_provider_change", args=[object_id]))
 
+    def connect_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
+        """Connect (or reconnect) the account: off to the identity provider, back at the
+        callback. Connecting replaces the provider's credential: change permission."""
+        provider = get_object_or_404(Provider, pk=object_id)
+        if not self.has_change_permission(request, provider):
+            raise PermissionDenied
+        back = HttpResponseRedirect(reverse("admin:tokens_provider_change", args=[object_id]))
+        if request.method != "POST":
+            return back
+        if not connect.connectable(provider):
+            self.message_user(request, f"{provider.name}: not a connected account.", messages.ERROR)
+            return back
+        try:
+            provider.full_clean(exclude=["name"])
+        except ValidationError as invalid:
+            self.message_user(
+                request,
+                f"{provider.name}: fix its config before connecting: {'; '.join(invalid.messages)}",
+                messages.ERROR,
+            )
+            return back
+        return HttpResponseRedirect(connect.connect_begin(request, provider))
+
 
 def _public(field: Any) -> Any:
     """The field shown in place of ``field`` on a read-only page."""
-    return "secret_status" if field == "secret" else field
+    return {"secret": "secret_status", "refresh_token": "refresh_token_status"}.get(field, field)

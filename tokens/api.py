@@ -172,6 +172,10 @@ class _Reader:
             return None
         self.provider_id = provider.pk
         if token is None:
+            gone = selectors.provider_needs_reconnect(provider_id=provider.pk)
+            if gone is not None:
+                # Nothing will come until a person connects the account again: say so now.
+                raise TokenUnavailable(self.name, f"reconnect needed: {gone}")
             self._request_refresh()
             return None
         cached = CachedToken.from_row(token)

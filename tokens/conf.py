@@ -76,6 +76,11 @@ DEFAULTS: dict[str, Any] = {
     "MONITORING_KEY": "",
     # Flower's base URL, for links from admin ("" for no links).
     "FLOWER_URL": "",
+    # The site's public base URL (https://tokens.example.com), for the redirect URI of "Connect"
+    # that the identity provider calls back; "" builds it from the admin's request.
+    "PUBLIC_URL": "",
+    # How long a "Connect" may take, from the click to the identity provider's answer; seconds.
+    "CONNECT_TIMEOUT": 600.0,
 }
 
 

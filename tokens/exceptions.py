@@ -60,14 +60,29 @@ class GeneratorError(TokenError):
         transient: bool,
         retry_after: float | None = None,
         detail: str = "",
+        reconnect: bool = False,
+        code: str = "",
     ) -> None:
         super().__init__(message)
+        # The issuer's error code (RFC 6749 §5.2 ``error``), when it gave a well-formed one.
+        self.code = code
         self.transient = transient
         self.retry_after = retry_after
         self.detail = detail
+        # The grant is gone (``invalid_grant`` on a refresh token, or none stored): only a
+        # person can help, by connecting the account again.
+        self.reconnect = reconnect
+        # A rotated refresh token the issuer handed out with an answer that was refused
+        # anyway: the grant lives on in it, so it is stored all the same.
+        self.refresh_token: str | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r}, transient={self.transient})"
 
     @property
     def kind(self) -> str:
+        if self.reconnect:
+            return "reconnect"
         return "transient" if self.transient else "permanent"
 
 

@@ -6,7 +6,7 @@ from typing import Any
 from django import forms
 from django.utils.html import format_html, format_html_join
 
-from tokens.generators import registry
+from tokens.generators import get_generator, registry
 from tokens.models import Provider, secret_destination
 
 
@@ -38,13 +38,43 @@ class ProviderForm(forms.ModelForm):
         ),
     )
 
+    refresh_token = forms.CharField(
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off"}),
+        help_text=(
+            "oauth2_refresh_token only: stored by Connect (the button above, once saved), or "
+            "paste one here. Never shown; leave blank to keep it."
+        ),
+    )
+    # Set by the admin from the request: the callback address to register at the IdP.
+    redirect_uri = ""
+
     class Meta:
         model = Provider
-        fields = ["name", "kind", "enabled", "config", "secret", "refresh_interval"]
+        fields = [
+            "name",
+            "kind",
+            "enabled",
+            "config",
+            "secret",
+            "refresh_token",
+            "refresh_interval",
+        ]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._secret_kept = False
+        self._refresh_token_kept = False
+        if "refresh_token" in self.fields:
+            field = self.fields["refresh_token"]
+            stored = "A refresh token is stored. " if self.instance.refresh_token else ""
+            register = (
+                f" Redirect URI to register at the identity provider: {self.redirect_uri}"
+                if self.redirect_uri
+                else ""
+            )
+            field.help_text = f"{stored}{field.help_text}{register}"
         # A view-only page has a form without fields.
         if "config" in self.fields:
             self.fields["config"].help_text = kinds_help()
@@ -60,8 +90,29 @@ class ProviderForm(forms.ModelForm):
             return self.instance.secret  # keep
         return secret
 
+    def clean_refresh_token(self) -> str:
+        value: str = self.cleaned_data.get("refresh_token") or ""
+        if not value and self.instance.pk:
+            self._refresh_token_kept = True
+            return self.instance.refresh_token  # keep (a save never writes it back stale)
+        return value
+
     def clean(self) -> dict[str, Any]:
         cleaned: dict[str, Any] = super().clean() or {}
+        kind = cleaned.get("kind")
+        if self._refresh_token_kept and kind in registry():
+            if not get_generator(kind).uses_refresh_token:
+                cleaned["refresh_token"] = ""  # a kind without one: the stored one goes
+            elif self.instance.refresh_token and "config" in cleaned:
+                stored = Provider.objects.filter(pk=self.instance.pk).first()
+                after = secret_destination(kind, cleaned["config"])
+                if stored is not None and stored.secret_destination() != after:
+                    self.add_error(
+                        "refresh_token",
+                        "Connect again (or paste a refresh token): the token endpoint or "
+                        "the trusted CAs changed, and a refresh token is only ever sent "
+                        "where it was issued for.",
+                    )
         if self._secret_kept and {"name", "kind", "config"} <= set(cleaned):
             stored = Provider.objects.filter(pk=self.instance.pk).first()
             # The name is where the application sends the tokens (get_token(name)); the kind

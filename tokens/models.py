@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import random
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
@@ -11,7 +12,7 @@ from django.utils import timezone
 
 from tokens import crypto
 from tokens.conf import tokens_settings
-from tokens.fields import EncryptedTextField
+from tokens.fields import EncryptedTextField, RotatingSecretField
 from tokens.generators import GeneratedToken, get_generator, kind_choices, registry
 
 # The database refuses intervals below this floor; TOKENS_MIN_REFRESH_INTERVAL (a setting, so
@@ -58,6 +59,14 @@ class Provider(models.Model):
         blank=True,
         help_text="Client secret (or the token of a static provider). Stored encrypted.",
     )
+    refresh_token = RotatingSecretField(
+        "refresh token",
+        blank=True,
+        help_text=(
+            "A connected account's refresh token (oauth2_refresh_token), stored by Connect or "
+            "pasted; the issuer rotates it and tokens stores each new one. Stored encrypted."
+        ),
+    )
     refresh_interval = models.DurationField(
         "refresh interval",
         default=timedelta(minutes=5),
@@ -73,6 +82,8 @@ class Provider(models.Model):
     updated_at = models.DateTimeField("updated", auto_now=True, help_text="When it last changed.")
 
     objects = ProviderQuerySet.as_manager()
+    # The refresh token as read from the database (see RotatingSecretField).
+    _loaded_refresh_token: str
 
     class Meta:
         ordering = ["name"]
@@ -88,6 +99,18 @@ class Provider(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @classmethod
+    def from_db(cls, db: str | None, field_names: Any, values: Any) -> Provider:
+        instance = super().from_db(db, field_names, values)
+        # What was read, for RotatingSecretField: a save writes it back only if changed.
+        if "refresh_token" in instance.__dict__:
+            instance._loaded_refresh_token = instance.refresh_token
+        return instance
+
+    def refresh_token_changed(self) -> bool:
+        """Whether this instance's refresh token was set since it was read (or it is new)."""
+        return getattr(self, "_loaded_refresh_token", None) != self.refresh_token
 
     @property
     def state_or_none(self) -> ProviderState | None:
@@ -116,6 +139,10 @@ class Provider(models.Model):
             )
         if self.kind not in registry():
             errors.setdefault("kind", []).append(f"Unknown kind {self.kind!r}.")
+        elif self.refresh_token and not get_generator(self.kind).uses_refresh_token:
+            errors.setdefault("refresh_token", []).append(
+                f"Only oauth2_refresh_token providers keep a refresh token, not {self.kind}."
+            )
         else:
             for field, messages in (
                 get_generator(self.kind).validate(self.config, self.secret).items()
@@ -202,6 +229,20 @@ class ProviderState(models.Model):
         null=True,
         blank=True,
         help_text="When the schedule refreshes next: one interval after the previous run.",
+    )
+    reconnect_needed = models.BooleanField(
+        "reconnect needed",
+        default=False,
+        help_text=(
+            "The connected account's grant is gone (invalid_grant, or never connected): only "
+            "connecting it again helps; the schedule does not retry it."
+        ),
+    )
+    refresh_token_version = models.PositiveBigIntegerField(
+        "refresh token version",
+        default=0,
+        help_text="Version of the refresh that stored the refresh token; an older one never "
+        "overwrites it.",
     )
 
     objects = ProviderStateQuerySet.as_manager()

@@ -38,9 +38,15 @@ class ProviderCollector(Collector):
             "Failed refreshes since the last success.",
             labels=["provider"],
         )
+        reconnect = GaugeMetricFamily(
+            "tokens_reconnect_needed",
+            "1 when the provider's connected account must be connected again (its grant is gone).",
+            labels=["provider"],
+        )
         for provider in selectors.providers_with_state(enabled=True):
             state = provider.state_or_none
             is_valid = has_valid_token(state, now)
+            reconnect.add_metric([provider.name], 1.0 if state and state.reconnect_needed else 0.0)
             valid.add_metric([provider.name], 1.0 if is_valid else 0.0)
             failures.add_metric([provider.name], float(state.consecutive_failures if state else 0))
             if is_valid and state is not None and state.expires_at is not None:
@@ -56,7 +62,7 @@ class ProviderCollector(Collector):
             "1 when beat's dispatcher entry (PeriodicTask tokens.dispatch) exists and is enabled.",
             value=1.0 if schedule["dispatcher"] == "ok" else 0.0,
         )
-        yield from (expiry, valid, failures, overdue, dispatcher)
+        yield from (expiry, valid, failures, reconnect, overdue, dispatcher)
 
 
 def exposition() -> bytes:

@@ -67,6 +67,17 @@ def provider_is_failing(*, provider_id: int) -> bool:
     ).exists()
 
 
+def provider_needs_reconnect(*, provider_id: int) -> str | None:
+    """The provider's last error when its grant is gone (a person must connect it again),
+    else None."""
+    row = (
+        ProviderState.objects.filter(provider_id=provider_id, reconnect_needed=True)
+        .values_list("last_error", flat=True)
+        .first()
+    )
+    return None if row is None else row or "reconnect needed"
+
+
 def provider_last_error(*, provider_id: int) -> str:
     """The provider's last refresh error (sanitized when it was stored), or ""."""
     error = (
@@ -108,6 +119,7 @@ def provider_report(*, now: datetime | None = None) -> list[dict[str, object]]:
                 if state and state.last_refresh_at
                 else None,
                 "consecutive_failures": state.consecutive_failures if state else 0,
+                "reconnect_needed": bool(state and state.reconnect_needed),
                 "last_error": state.last_error if state else "",
             }
         )

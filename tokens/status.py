@@ -16,10 +16,16 @@ from tokens.models import Provider, ProviderState
 class Status(enum.StrEnum):
     OK = "ok"
     REFRESHING = "refreshing"
+    RECONNECT = "reconnect"
     FAILING = "failing"
     EXPIRED = "expired"
     NEVER = "never"
     DISABLED = "disabled"
+
+    @property
+    def label(self) -> str:
+        """As operators read it."""
+        return "reconnect needed" if self is Status.RECONNECT else self.value
 
 
 def has_valid_token(state: ProviderState | None, now: datetime) -> bool:
@@ -41,6 +47,8 @@ def status_of(
         return Status.DISABLED
     if refreshing:
         return Status.REFRESHING
+    if state is not None and state.reconnect_needed:
+        return Status.RECONNECT
     if state is not None and state.consecutive_failures:
         return Status.FAILING
     if has_valid_token(state, now):
@@ -50,7 +58,8 @@ def status_of(
     return Status.EXPIRED
 
 
-_FAILING_Q = Q(refresh_state__consecutive_failures__gt=0)
+_RECONNECT_Q = Q(refresh_state__reconnect_needed=True)
+_FAILING_Q = Q(refresh_state__consecutive_failures__gt=0) | _RECONNECT_Q
 _NEVER_Q = Q(refresh_state__isnull=True) | Q(
     refresh_state__last_attempt_at__isnull=True, refresh_state__current_version=0
 )
@@ -60,15 +69,17 @@ def with_status(
     providers: QuerySet[Provider], status: Status, *, refreshing: set[int], now: datetime
 ) -> QuerySet[Provider]:
     """``providers`` whose status is ``status``: ``status_of`` as database filters, in the same
-    order of precedence (disabled, refreshing, failing, ok, never, expired)."""
+    order of precedence (disabled, refreshing, reconnect, failing, ok, never, expired)."""
     if status == Status.DISABLED:
         return providers.filter(enabled=False)
     enabled = providers.filter(enabled=True)
     if status == Status.REFRESHING:
         return enabled.filter(pk__in=refreshing)
     enabled = enabled.exclude(pk__in=refreshing)
+    if status == Status.RECONNECT:
+        return enabled.filter(_RECONNECT_Q)
     if status == Status.FAILING:
-        return enabled.filter(_FAILING_Q)
+        return enabled.filter(_FAILING_Q).exclude(_RECONNECT_Q)
     if status == Status.OK:
         return enabled.filter(_valid_q(now)).exclude(_FAILING_Q)
     if status == Status.NEVER:

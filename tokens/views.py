@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import hmac
 
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from tokens import monitoring, selectors
+from tokens import connect, monitoring, selectors
 from tokens.conf import tokens_settings
 from tokens.status import schedule_is_healthy
 
@@ -31,14 +34,17 @@ def _denied() -> JsonResponse:
 
 @require_GET
 def health(request: HttpRequest) -> HttpResponse:
-    """200 when every enabled provider has a valid token and the schedule runs (beat's
-    dispatcher entry is there and enabled, no provider overdue), 503 otherwise. Never shows a
+    """200 when every enabled provider has a valid token and none needs reconnecting, and the
+    schedule runs (beat's dispatcher entry is there and enabled, no provider overdue), 503
+    otherwise. Never shows a
     token, a fingerprint or a secret."""
     if not _allowed(request):
         return _denied()
     providers = selectors.provider_report()
     schedule = selectors.schedule_report()
-    healthy = all(p["valid"] for p in providers if p["enabled"]) and schedule_is_healthy(schedule)
+    healthy = all(
+        p["valid"] and not p["reconnect_needed"] for p in providers if p["enabled"]
+    ) and schedule_is_healthy(schedule)
     body = {
         "status": "ok" if healthy else "unhealthy",
         "checked_at": timezone.now().isoformat(),
@@ -53,3 +59,22 @@ def prometheus_metrics(request: HttpRequest) -> HttpResponse:
     if not _allowed(request):
         return _denied()
     return HttpResponse(monitoring.exposition(), content_type="text/plain; version=0.0.4")
+
+
+@never_cache
+@require_GET
+def connect_callback(request: HttpRequest) -> HttpResponse:
+    """Where the identity provider sends the admin user back after "Connect"."""
+    user = getattr(request, "user", None)
+    if not (user and user.is_active and user.is_staff and user.has_perm("tokens.change_provider")):
+        return JsonResponse(
+            {"detail": "log in to admin as a user who may change providers, then Connect again"},
+            status=403,
+        )
+    outcome = connect.connect_finish(request)
+    messages.add_message(
+        request, messages.SUCCESS if outcome.ok else messages.ERROR, outcome.message
+    )
+    if outcome.provider_id is None:
+        return HttpResponseRedirect(reverse("admin:tokens_provider_changelist"))
+    return HttpResponseRedirect(reverse("admin:tokens_provider_change", args=[outcome.provider_id]))

@@ -12,6 +12,9 @@ from tokens.generators.base import GeneratedToken, Generator
 
 BUILTIN: dict[str, str] = {
     "oauth2_client_credentials": "tokens.generators.oauth2.OAuth2ClientCredentials",
+    "oauth2_refresh_token": "tokens.generators.connected.OAuth2RefreshToken",
+    "jwt_bearer": "tokens.generators.jwt_bearer.JwtBearer",
+    "github_app": "tokens.generators.github_app.GitHubApp",
     "callable": "tokens.generators.callable.CallableGenerator",
     "static": "tokens.generators.static.StaticGenerator",
 }

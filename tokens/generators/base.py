@@ -34,6 +34,8 @@ class GeneratedToken:
     access_token: str = field(repr=False)
     token_type: str = "Bearer"
     expires_at: datetime | None = None
+    # A rotated refresh token that came with it (the grant's next credential), to be stored.
+    refresh_token: str | None = field(default=None, repr=False)
 
 
 class ConfigErrors(dict[str, list[str]]):
@@ -54,6 +56,9 @@ class Generator:
     required_keys: ClassVar[frozenset[str]] = frozenset()
     optional_keys: ClassVar[frozenset[str]] = frozenset()
     secret_required: ClassVar[bool] = False
+    # Whether the kind keeps a refresh token (Provider.refresh_token) that its issuer rotates:
+    # such a credential is never used without the fleet-wide lock.
+    uses_refresh_token: ClassVar[bool] = False
     help_text: ClassVar[str] = ""
     example_config: ClassVar[dict[str, Any]] = {}
 
@@ -78,6 +83,11 @@ class Generator:
 
     def generate(self, provider: Provider) -> GeneratedToken:
         raise NotImplementedError
+
+    def secrets(self, provider: Provider) -> list[str]:
+        """Every credential of the provider that an issuer's words must never repeat: the
+        secret, and any key inside it in another form."""
+        return [provider.secret]
 
     def secret_destination(self, config: Mapping[str, Any]) -> object:
         """Where the secret goes for this config; a stored secret is kept on an edit (left

@@ -12,19 +12,25 @@ generator should). Whatever the server does, one call costs at most:
 
 TLS certificates are always verified, against the system's trust store or, per provider, a CA
 bundle given as PEM text (``ca_certs``); nothing in config can turn verification off, change the
-method, or add request options: config supplies form fields and nothing else.
+method, or add request options: config supplies form fields and nothing else. A client
+certificate (RFC 8705 mutual TLS) comes from the provider's secret, never from a file path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
+import os
 import ssl
+import tempfile
 import threading
 import zlib
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 import httpx
 
@@ -41,6 +47,8 @@ class HttpResponse:
     status: int
     headers: httpx.Headers = field(repr=False)
     body: bytes = field(repr=False)
+    # When the request was sent: an issuer's lifetime counts from its clock, so from then.
+    started: datetime | None = None
 
     @property
     def content_type(self) -> str:
@@ -64,24 +72,59 @@ def post_form(
     body: str,
     headers: Mapping[str, str] | None = None,
     ca_certs: str | None = None,
+    client_cert: str | None = None,
 ) -> HttpResponse:
     """POST an ``application/x-www-form-urlencoded`` body to ``url``, within the bounds above.
 
-    Raises GeneratorError (transient) when the endpoint cannot be reached, misses the deadline,
-    answers too much, or presents a certificate that does not verify.
+    ``client_cert``: PEM of a client certificate and its private key, presented in the TLS
+    handshake (mutual TLS). Raises GeneratorError (transient) when the endpoint cannot be
+    reached, misses the deadline, answers too much, or presents a certificate that does not
+    verify.
     """
+    return _send(
+        url,
+        body.encode(),
+        "application/x-www-form-urlencoded;charset=UTF-8",
+        headers,
+        ca_certs,
+        client_cert,
+    )
+
+
+def post_json(
+    url: str,
+    *,
+    data: object,
+    headers: Mapping[str, str] | None = None,
+    ca_certs: str | None = None,
+) -> HttpResponse:
+    """POST ``data`` as JSON to ``url``, within the same bounds as ``post_form``."""
+    body = json.dumps(data, separators=(",", ":")).encode() if data is not None else b""
+    return _send(url, body, "application/json", headers, ca_certs, None)
+
+
+def _send(
+    url: str,
+    body: bytes,
+    content_type: str,
+    headers: Mapping[str, str] | None,
+    ca_certs: str | None,
+    client_cert: str | None,
+) -> HttpResponse:
     timeout = tokens_settings.seconds("HTTP_TIMEOUT")
     limit = int(tokens_settings.HTTP_MAX_BODY)
     request_headers = {
         "Accept": "application/json",
         "Accept-Encoding": "identity",
-        "Content-Type": "application/x-www-form-urlencoded;charset=UTF-8",
+        "Content-Type": content_type,
         "User-Agent": USER_AGENT,
         **(headers or {}),
     }
-    exchange = _post(url, body.encode(), request_headers, ssl_context(ca_certs), timeout, limit)
+    context = client_context(ca_certs, client_cert) if client_cert else ssl_context(ca_certs)
+    exchange = _post(url, body, request_headers, context, timeout, limit)
+    started = datetime.now(UTC)
     try:
-        return _run(exchange)
+        return replace(_run(exchange), started=started)
     except TimeoutError:
         raise GeneratorError(
             f"token endpoint did not answer within {timeout:g}s (TOKENS_HTTP_TIMEOUT, "
@@ -89,6 +132,11 @@ def post_form(
             transient=True,
         ) from None
     except httpx.ConnectError as error:
+        if client_cert and _refused_client_certificate(error):
+            raise GeneratorError(
+                "token endpoint refused the client certificate in the TLS handshake",
+                transient=False,
+            ) from None
         if isinstance(error.__context__, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(
             error
         ):
@@ -103,6 +151,12 @@ def post_form(
     except httpx.InvalidURL:
         raise GeneratorError("token_url is not a valid URL", transient=False) from None
     except httpx.HTTPError as error:
+        # Under TLS 1.3 a refused client certificate shows only at the first read.
+        if client_cert and _refused_client_certificate(error):
+            raise GeneratorError(
+                "token endpoint refused the client certificate in the TLS handshake",
+                transient=False,
+            ) from None
         raise GeneratorError(
             f"cannot reach the token endpoint ({type(error).__name__})", transient=True
         ) from None
@@ -262,6 +316,53 @@ def ssl_context(ca_certs: str | None = None) -> ssl.SSLContext:
     if ca_certs:
         return ssl.create_default_context(cadata=ca_certs)
     return httpx.create_ssl_context()
+
+
+_client_contexts: dict[tuple[str | None, str], ssl.SSLContext] = {}
+_client_contexts_lock = threading.Lock()
+
+
+def client_context(ca_certs: str | None, client_pem: str) -> ssl.SSLContext:
+    """The verifying context of ``ssl_context`` presenting the client certificate and key in
+    ``client_pem``. The key is handed to OpenSSL through an anonymous in-memory file (never a
+    file on disk); contexts are kept per (CAs, digest of the PEM)."""
+    cache_key = (ca_certs, hashlib.sha256(client_pem.encode()).hexdigest())
+    with _client_contexts_lock:
+        context = _client_contexts.get(cache_key)
+        if context is None:
+            if ca_certs:
+                context = ssl.create_default_context(cadata=ca_certs)
+            else:
+                context = httpx.create_ssl_context()
+            _load_client_pem(context, client_pem)
+            if len(_client_contexts) >= 64:
+                _client_contexts.clear()
+            _client_contexts[cache_key] = context
+        return context
+
+
+def _load_client_pem(context: ssl.SSLContext, client_pem: str) -> None:
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("tokens-client-cert", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, client_pem.encode())
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    # No anonymous files here (not Linux): a private file, removed at once.
+    with tempfile.TemporaryDirectory(prefix="tokens-") as directory:
+        path = os.path.join(directory, "client.pem")
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(client_pem)
+        context.load_cert_chain(path)
+
+
+def _refused_client_certificate(error: BaseException) -> bool:
+    text = f"{error} {error.__context__}".upper()
+    alerts = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")
+    return any(alert in text for alert in alerts)
 
 
 def check_ca_certs(value: object) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import re
@@ -11,11 +12,18 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
-from authlib.oauth2.auth import ClientAuth
 from django.conf import settings
 
 from tokens.exceptions import GeneratorError
-from tokens.generators.base import ConfigErrors, GeneratedToken, Generator, token_from_mapping
+from tokens.generators.base import (
+    MAX_TOKEN_LENGTH,
+    TOKEN_SYNTAX,
+    ConfigErrors,
+    GeneratedToken,
+    Generator,
+    token_from_mapping,
+)
+from tokens.generators.client_auth import authenticate, check_client_auth
 from tokens.generators.http import HttpResponse, check_ca_certs, post_form
 
 if TYPE_CHECKING:
@@ -33,7 +41,6 @@ PERMANENT_ERRORS = frozenset(
         "access_denied",
     }
 )
-AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 LOCAL_HOSTS = frozenset({"localhost"})
 # RFC 6749 §5.2: error = 1*( %x20-21 / %x23-5B / %x5D-7E ); we also refuse spaces and cap it.
 ERROR_CODE = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]{1,64}")
@@ -81,11 +88,15 @@ def _retry_after(response: HttpResponse) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def parse_token_response(response: HttpResponse) -> GeneratedToken:
+def parse_token_response(
+    response: HttpResponse, *, keep_refresh_token: bool = False
+) -> GeneratedToken:
     """Turn a token endpoint's answer into a token, or a classified GeneratorError.
 
     Only a 2xx answer with a JSON object is a token (RFC 6749 §5.1). The issuer's own words (an
-    ``error_description``) travel in the error's ``detail``, for the refresh to scrub.
+    ``error_description``) travel in the error's ``detail``, for the refresh to scrub. With
+    ``keep_refresh_token``, a refresh token in the answer comes with the token, or with the
+    error when the rest of the answer is refused (it may be the grant's only live credential).
     """
     status = response.status
     try:
@@ -105,6 +116,7 @@ def parse_token_response(response: HttpResponse) -> GeneratedToken:
             transient=transient,
             retry_after=_retry_after(response),
             detail=description[:DETAIL_LIMIT] if isinstance(description, str) else "",
+            code=code,
         )
     if status == 429 or status >= 500:
         raise GeneratorError(
@@ -126,21 +138,118 @@ def parse_token_response(response: HttpResponse) -> GeneratedToken:
             f"token endpoint answered HTTP {status} with a non-JSON body ({response.content_type})",
             transient=True,
         )
-    return token_from_mapping(data, now=datetime.now(UTC))
+    refresh_token = refresh_token_of(data) if keep_refresh_token else None
+    try:
+        token = token_from_mapping(data, now=response.started or datetime.now(UTC))
+    except GeneratorError as error:
+        error.refresh_token = refresh_token
+        raise
+    return dataclasses.replace(token, refresh_token=refresh_token)
+
+
+def refresh_token_of(data: Mapping[str, Any]) -> str | None:
+    """The refresh token of a token answer (RFC 6749 §5.1), when it holds a usable one."""
+    value = data.get("refresh_token")
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_TOKEN_LENGTH
+        and TOKEN_SYNTAX.fullmatch(value)
+    ):
+        return value
+    return None
+
+
+def check_extra_params(extra: object, errors: ConfigErrors, *, key: str = "extra_params") -> None:
+    """``extra`` is an object of a few extra form fields that the grant does not set itself."""
+    if not isinstance(extra, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in extra.items()
+    ):
+        errors.add("config", f"{key}: must be an object of string values")
+        return
+    if len(extra) > MAX_EXTRA_PARAMS:
+        noun = "form fields" if key == "extra_params" else "parameters"
+        errors.add("config", f"{key}: at most {MAX_EXTRA_PARAMS} {noun}")
+    reserved = sorted(RESERVED_PARAMS & set(extra))
+    if reserved:
+        errors.add(
+            "config",
+            f"{key}: may not set {', '.join(reserved)} (the grant sets those itself; scope "
+            "and audience have keys of their own)",
+        )
+    for name, value in extra.items():
+        if not PARAM_NAME.fullmatch(name):
+            errors.add("config", f"{key}: field names are 1 to 64 letters, digits or . _ : ~ -")
+            break
+        if len(value) > MAX_PARAM_VALUE:
+            errors.add("config", f"{key}: {name}: at most {MAX_PARAM_VALUE} characters")
+
+
+def check_token_url(
+    config: Mapping[str, Any], errors: ConfigErrors, key: str = "token_url"
+) -> None:
+    if key in config:
+        problem = url_problem(config[key])
+        if problem:
+            errors.add("config", f"{key}: {problem}")
+
+
+def check_strings(config: Mapping[str, Any], keys: tuple[str, ...], errors: ConfigErrors) -> None:
+    for key in keys:
+        if key in config and (not isinstance(config[key], str) or not config[key].strip()):
+            errors.add("config", f"{key}: must be a non-empty string")
+
+
+def endpoint_destination(kind: str, url: object, ca_certs: object) -> object:
+    """Who receives what a kind sends: the endpoint's origin, and the CAs trusted to vouch
+    for it."""
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        origin = (parts.scheme, parts.hostname, parts.port) if parts else None
+    except ValueError:
+        origin = None
+    return (kind, origin, ca_certs)
+
+
+def token_request(
+    config: Mapping[str, Any],
+    *,
+    client_id: str,
+    secret: str,
+    fields: list[tuple[str, str]],
+    url: str | None = None,
+) -> HttpResponse:
+    """POST the grant's ``fields`` to the token endpoint, authenticated as the client."""
+    prepared = authenticate(
+        config,
+        client_id=client_id,
+        secret=secret,
+        url=url or config["token_url"],
+        body=urlencode(fields),
+    )
+    return post_form(
+        prepared.url,
+        body=prepared.body,
+        headers=prepared.headers,
+        ca_certs=config.get("ca_certs"),
+        client_cert=prepared.client_cert,
+    )
 
 
 class OAuth2ClientCredentials(Generator):
     kind = "oauth2_client_credentials"
     label = "OAuth2 client credentials"
     required_keys = frozenset({"token_url", "client_id"})
-    optional_keys = frozenset({"scope", "audience", "auth_method", "extra_params", "ca_certs"})
-    secret_required = True
+    optional_keys = frozenset(
+        {"scope", "audience", "auth_method", "algorithm", "kid", "extra_params", "ca_certs"}
+    )
     help_text = (
         "RFC 6749 client credentials grant. Keys: token_url (https; http only for localhost), "
-        "client_id; optional scope, audience, auth_method (client_secret_basic or "
-        "client_secret_post), extra_params (object of extra form fields, nothing else), "
-        "ca_certs (PEM of the CAs to trust instead of the system's). "
-        "The provider's secret is the client secret."
+        "client_id; optional scope, audience, auth_method (client_secret_basic, "
+        "client_secret_post, client_secret_jwt, private_key_jwt or tls_client_auth), algorithm "
+        "and kid (for the JWT methods), extra_params (object of extra form fields, nothing "
+        "else), ca_certs (PEM of the CAs to trust instead of the system's). The secret is the "
+        "client secret; for private_key_jwt the PEM private key (and its certificate, for "
+        "Entra ID); for tls_client_auth the PEM client certificate and key."
     )
     example_config = {
         "token_url": "https://auth.example.com/oauth/token",
@@ -149,63 +258,16 @@ class OAuth2ClientCredentials(Generator):
     }
 
     def check_config(self, config: Mapping[str, Any], secret: str, errors: ConfigErrors) -> None:
-        url = config.get("token_url")
-        if "token_url" in config:
-            problem = _url_problem(url)
-            if problem:
-                errors.add("config", f"token_url: {problem}")
-        for key in ("client_id", "scope", "audience"):
-            if key in config and (not isinstance(config[key], str) or not config[key].strip()):
-                errors.add("config", f"{key}: must be a non-empty string")
-        if config.get("auth_method", AUTH_METHODS[0]) not in AUTH_METHODS:
-            errors.add("config", f"auth_method: must be one of {', '.join(AUTH_METHODS)}")
-        if "ca_certs" in config:
-            problem = check_ca_certs(config["ca_certs"])
-            if problem:
-                errors.add("config", f"ca_certs: {problem}")
-        extra = config.get("extra_params", {})
-        if not isinstance(extra, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in extra.items()
-        ):
-            errors.add("config", "extra_params: must be an object of string values")
-            return
-        if len(extra) > MAX_EXTRA_PARAMS:
-            errors.add("config", f"extra_params: at most {MAX_EXTRA_PARAMS} form fields")
-        reserved = sorted(RESERVED_PARAMS & set(extra))
-        if reserved:
-            errors.add(
-                "config",
-                f"extra_params: may not set {', '.join(reserved)} (the grant sets "
-                "grant_type and the client's credentials; scope and audience have keys of "
-                "their own)",
-            )
-        for name, value in extra.items():
-            if not PARAM_NAME.fullmatch(name):
-                errors.add(
-                    "config",
-                    "extra_params: field names are 1 to 64 letters, digits or . _ : ~ -",
-                )
-                break
-            if len(value) > MAX_PARAM_VALUE:
-                errors.add("config", f"extra_params: {name}: at most {MAX_PARAM_VALUE} characters")
-        basic = config.get("auth_method", AUTH_METHODS[0]) == "client_secret_basic"
-        if basic and secret and not _latin1(f"{config.get('client_id', '')}:{secret}"):
-            errors.add(
-                "secret",
-                "client_secret_basic sends the client id and secret as Latin-1: use "
-                "client_secret_post for other characters",
-            )
+        check_token_url(config, errors)
+        check_strings(config, ("client_id", "scope", "audience"), errors)
+        check_ca(config, errors)
+        check_extra_params(config.get("extra_params", {}), errors)
+        check_client_auth(config, secret, errors, public_allowed=False)
 
     def secret_destination(self, config: Mapping[str, Any]) -> object:
         """Who receives the client secret: the token endpoint's origin, and the CAs trusted
         to vouch for it."""
-        url = config.get("token_url")
-        try:
-            parts = urlsplit(url) if isinstance(url, str) else None
-            origin = (parts.scheme, parts.hostname, parts.port) if parts else None
-        except ValueError:
-            origin = None
-        return (self.kind, origin, config.get("ca_certs"))
+        return endpoint_destination(self.kind, config.get("token_url"), config.get("ca_certs"))
 
     def generate(self, provider: Provider) -> GeneratedToken:
         config = provider.config
@@ -214,25 +276,20 @@ class OAuth2ClientCredentials(Generator):
         fields = [("grant_type", "client_credentials")]
         fields += [(key, config[key]) for key in ("scope", "audience") if config.get(key)]
         fields += sorted((config.get("extra_params") or {}).items())
-        body = urlencode(fields)
-        # authlib adds the client's authentication; tokens' bounded transport sends it.
-        auth = ClientAuth(
-            config["client_id"], provider.secret, config.get("auth_method", AUTH_METHODS[0])
+        response = token_request(
+            config, client_id=config["client_id"], secret=provider.secret, fields=fields
         )
-        url, headers, body = auth.prepare("POST", config["token_url"], {}, body)
-        response = post_form(url, body=body, headers=headers, ca_certs=config.get("ca_certs"))
         return parse_token_response(response)
 
 
-def _latin1(text: str) -> bool:
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
+def check_ca(config: Mapping[str, Any], errors: ConfigErrors) -> None:
+    if "ca_certs" in config:
+        problem = check_ca_certs(config["ca_certs"])
+        if problem:
+            errors.add("config", f"ca_certs: {problem}")
 
 
-def _url_problem(url: object) -> str | None:
+def url_problem(url: object) -> str | None:
     if not isinstance(url, str) or not url:
         return "must be a URL string"
     try:

@@ -177,9 +177,15 @@ def generator_call(*, provider: Provider) -> GeneratedToken:
     if errors:
         problems = "; ".join(message for messages in errors.values() for message in messages)
         raise GeneratorError(f"invalid provider config: {problems}", transient=False)
+    generated: GeneratedToken | None = None
     try:
-        return check_generated(generator.generate(provider))
-    except (GeneratorError, *TIME_LIMITS):
+        generated = generator.generate(provider)
+        return check_generated(generated)
+    except GeneratorError as error:
+        if generated is not None and generated.refresh_token and not error.refresh_token:
+            error.refresh_token = generated.refresh_token  # the grant lives on in it
+        raise
+    except TIME_LIMITS:
         raise
     except Exception as error:  # a generator bug must not leak its text
         raise GeneratorError(

@@ -18,9 +18,11 @@ from tokens import metrics, selectors
 from tokens.conf import tokens_settings
 from tokens.constants import Outcome
 from tokens.exceptions import GeneratorError
+from tokens.generators import registry
 from tokens.models import Provider, ProviderState
 from tokens.sanitize import WITHHELD, echoes, scrub
 from tokens.services.results import RefreshResult
+from tokens.services.versions import refresh_token_store
 
 logger = logging.getLogger("tokens.refresh")
 
@@ -49,7 +51,15 @@ def failure_record(
     metrics.REFRESH_DURATION.labels(provider.kind).observe(duration)
     metrics.REFRESHES.labels(provider.name, "failed").inc()
     metrics.REFRESH_FAILURES.labels(provider.name, error.kind).inc()
-    secrets = [provider.secret, *selectors.provider_token_values(provider=provider)]
+    if error.refresh_token:
+        # The issuer rotated the refresh token and then answered something refused: the new
+        # one is the grant's live credential.
+        refresh_token_store(provider=provider, fence=fence, value=error.refresh_token)
+    secrets = [
+        *_credentials(provider),
+        error.refresh_token or "",
+        *selectors.provider_token_values(provider=provider),
+    ]
     detail = error.detail
     if detail and echoes(detail, secrets):
         detail = WITHHELD
@@ -69,6 +79,7 @@ def failure_record(
         last_attempt_at=attempted,
         next_attempt_at=next_attempt,
         permanent_error=not error.transient,
+        reconnect_needed=error.reconnect,
     )
     logger.warning(
         "refresh failed provider=%s version=%s error_class=%s failures=%s duration_ms=%d "
@@ -88,3 +99,10 @@ def failure_record(
         retry_at=next_attempt,
         permanent=not error.transient,
     )
+
+
+def _credentials(provider: Provider) -> list[str]:
+    """The provider's secret (in every form its kind knows) and refresh token."""
+    generator = registry().get(provider.kind)
+    secrets = generator.secrets(provider) if generator is not None else [provider.secret]
+    return [*secrets, provider.refresh_token]

@@ -21,14 +21,19 @@ logger = logging.getLogger("tokens")
 
 
 def provider_invalidate(
-    *, provider: Provider, reset_failures: bool = False, expected_version: int | None = None
+    *,
+    provider: Provider,
+    reset_failures: bool = False,
+    expected_version: int | None = None,
+    new_refresh_token: bool = False,
 ) -> int | None:
     """Void every token of ``provider`` issued so far (config changed, disabled, rejected).
 
     Moves the fence on, so a refresh already in flight cannot store its (old) token, drops the
     cached entry and tells every process. With ``expected_version``, only if that version is
     still the current one (a stale rejection must not void a newer token). Returns the new
-    version floor, or None when nothing was voided.
+    version floor, or None when nothing was voided. ``new_refresh_token``: a person stored a
+    new refresh token; a refresh in flight with the old one cannot overwrite it.
     """
     ProviderState.objects.ensure([provider.pk])
     with transaction.atomic():
@@ -46,7 +51,10 @@ def provider_invalidate(
                 last_error_at=None,
                 next_attempt_at=None,
                 permanent_error=False,
+                reconnect_needed=False,
             )
+        if new_refresh_token:
+            changes["refresh_token_version"] = fence
         states = ProviderState.objects.filter(provider_id=provider.pk)
         if expected_version is not None:
             states = states.filter(current_version=expected_version)

@@ -23,7 +23,13 @@ def provider_before_save(*, provider: Provider) -> Provider | None:
     """The provider as stored before this save (None for a new one), to compare with after."""
     if provider.pk is None:
         return None
-    return Provider.objects.filter(pk=provider.pk).first()
+    previous = Provider.objects.filter(pk=provider.pk).first()
+    if previous is not None and not provider.refresh_token_changed():
+        # Not set by the caller: the save keeps the stored one (RotatingSecretField), which
+        # may have rotated since this instance was read; show the instance the current one.
+        provider.refresh_token = previous.refresh_token
+        provider._loaded_refresh_token = previous.refresh_token
+    return previous
 
 
 def provider_saved(*, provider: Provider, previous: Provider | None, created: bool) -> None:
@@ -31,13 +37,21 @@ def provider_saved(*, provider: Provider, previous: Provider | None, created: bo
     next_run_sync(provider=provider, previous=previous, created=created)
     if previous is not None and previous.name != provider.name:
         provider_forget(name=previous.name)
-    changed = previous is None or any(
-        getattr(previous, field) != getattr(provider, field) for field in TOKEN_INPUTS
+    # A refresh token counts when the caller set a new one (a rotation is no save at all).
+    new_refresh_token = bool(provider.refresh_token) and (
+        previous is None or previous.refresh_token != provider.refresh_token
+    )
+    changed = (
+        previous is None
+        or new_refresh_token
+        or any(getattr(previous, field) != getattr(provider, field) for field in TOKEN_INPUTS)
     )
     re_enabled = previous is not None and provider.enabled and not previous.enabled
     if provider.enabled and (changed or re_enabled):
         if previous is not None:
-            provider_invalidate(provider=provider, reset_failures=True)
+            provider_invalidate(
+                provider=provider, reset_failures=True, new_refresh_token=new_refresh_token
+            )
         queue.refresh_send(provider_id=provider.pk, reason=Reason.MANUAL)
     elif not provider.enabled and (previous is None or previous.enabled or changed):
         provider_invalidate(provider=provider, reset_failures=changed)

@@ -18,7 +18,11 @@ from tokens.services.attempts import Attempt, Interrupted, attempts_run, still_r
 from tokens.services.failures import failure_record
 from tokens.services.results import RefreshResult
 from tokens.services.schedule import next_runs_soon
-from tokens.services.versions import fences_next, tokens_store_many
+from tokens.services.versions import (
+    fences_next,
+    provider_uses_refresh_token,
+    tokens_store_many,
+)
 
 logger = logging.getLogger("tokens.refresh")
 
@@ -57,6 +61,7 @@ def refresh_many(
         held = None
     locked = list(provider_ids) if held is None else [pid for pid in provider_ids if pid in held]
     busy = [pid for pid in provider_ids if held is not None and pid not in held]
+    unlocked = held is None
     if busy:
         # Readers ask again when the lock expires, in case its holder died mid-refresh. A
         # refresh asked for now may find a holder with an old config, or one that found the
@@ -79,6 +84,10 @@ def refresh_many(
                 continue
             state = provider.refresh_state
             early = _skip_reason(provider, state, reason)
+            if early is None and unlocked and provider_uses_refresh_token(provider):
+                # A refresh token the issuer rotates is never used without the fleet-wide
+                # lock: two refreshes sending it at once would end the grant.
+                early = Outcome.IN_FLIGHT
             if early is None:
                 due.append(provider)
             else:
@@ -121,6 +130,9 @@ def _skip_reason(provider: Provider, state: ProviderState, reason: Reason) -> Ou
     now = timezone.now()
     if state.token_is_fresh(provider.refresh_interval, now):
         return Outcome.FRESH
+    if state.reconnect_needed:
+        # The grant is gone: only a person (Connect, a new refresh token) or "Refresh now".
+        return Outcome.BACKOFF
     if state.permanent_error:
         # Retrying will not help: only the schedule (once per interval) or a change tries again.
         if reason != Reason.SCHEDULE:

@@ -1,6 +1,11 @@
 """Versions and the stored tokens: every refresh or invalidation takes the provider's next
 version (its fence) from the database, and a token is stored only if its version is newer than
-the current one, so a late, older writer never wins."""
+the current one, so a late, older writer never wins.
+
+A rotated refresh token has a fence of its own (``ProviderState.refresh_token_version``): it is
+stored whenever it is newer than the stored one, even when its access token lost (an
+invalidation moved the access token's fence on meanwhile), since the issuer may already have
+retired the one before it."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
 from tokens.conf import tokens_settings
-from tokens.generators import GeneratedToken
+from tokens.generators import GeneratedToken, registry
 from tokens.models import Provider, ProviderState, Token
 
 logger = logging.getLogger("tokens.refresh")
@@ -61,6 +66,8 @@ def tokens_store_many(
             token = Token.from_generated(
                 provider_id=provider.pk, version=fence, generated=generated, issued_at=now
             )
+            if generated.refresh_token:
+                _refresh_token_store(provider, fence, generated.refresh_token)
             updated = ProviderState.objects.filter(
                 provider_id=provider.pk, current_version__lt=fence
             ).update(
@@ -72,6 +79,7 @@ def tokens_store_many(
                 last_error="",
                 next_attempt_at=None,
                 permanent_error=False,
+                reconnect_needed=False,
                 fingerprint=token.fingerprint,
             )
             if not updated:
@@ -91,6 +99,37 @@ def tokens_store_many(
             Token.objects.bulk_create(won)
             history_prune(provider_ids=[token.provider_id for token in won])
     return results
+
+
+def refresh_token_store(*, provider: Provider, fence: int, value: str) -> bool:
+    """Store a rotated refresh token unless a newer one is stored (True when stored)."""
+    with transaction.atomic():
+        return _refresh_token_store(provider, fence, value)
+
+
+def _refresh_token_store(provider: Provider, fence: int, value: str) -> bool:
+    if not provider_uses_refresh_token(provider):
+        return False  # an issuer handing one to a kind that has no use for it
+    won = ProviderState.objects.filter(
+        provider_id=provider.pk, refresh_token_version__lt=fence
+    ).update(refresh_token_version=fence)
+    if won:
+        Provider.objects.filter(pk=provider.pk).update(refresh_token=value)
+        provider.refresh_token = value
+        provider._loaded_refresh_token = value
+        logger.info("refresh token rotated provider=%s version=%s", provider.name, fence)
+    else:
+        logger.warning(
+            "rotated refresh token discarded: a newer one is stored provider=%s version=%s",
+            provider.name,
+            fence,
+        )
+    return bool(won)
+
+
+def provider_uses_refresh_token(provider: Provider) -> bool:
+    generator = registry().get(provider.kind)
+    return generator is not None and generator.uses_refresh_token
 
 
 def history_prune(*, provider_ids: list[int]) -> None:
