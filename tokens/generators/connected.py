@@ -47,8 +47,8 @@ NOT_CONNECTED = (
     "not connected: no refresh token is stored (admin: Connect, or paste a refresh token)"
 )
 GRANT_GONE = (
-    "reconnect needed: the identity provider refused the refresh token (invalid_grant: "
-    "revoked, expired, or the person's consent was withdrawn); connect the account again"
+    "the identity provider refused the refresh token (invalid_grant: revoked, expired, or "
+    "the person's consent was withdrawn): connect the account again"
 )
 
 

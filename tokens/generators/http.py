@@ -148,14 +148,31 @@ def _send(
         raise GeneratorError(
             f"cannot reach the token endpoint ({type(error).__name__})", transient=True
         ) from None
-    except httpx.InvalidURL:
-        raise GeneratorError("token_url is not a valid URL", transient=False) from None
-    except httpx.HTTPError as error:
-        # Under TLS 1.3 a refused client certificate shows only at the first read.
+    except ssl.SSLError as error:  # raised bare by the TLS stream at a read
         if client_cert and _refused_client_certificate(error):
             raise GeneratorError(
                 "token endpoint refused the client certificate in the TLS handshake",
                 transient=False,
+            ) from None
+        reason = error.reason if isinstance(error.reason, str) else type(error).__name__
+        raise GeneratorError(
+            f"TLS with the token endpoint failed ({reason[:60]})", transient=True
+        ) from None
+    except httpx.InvalidURL:
+        raise GeneratorError("token_url is not a valid URL", transient=False) from None
+    except httpx.HTTPError as error:
+        # Under TLS 1.3 a refused client certificate shows only at the first read, and the
+        # asyncio transport keeps nothing of the server's alert: say what it most likely is.
+        if client_cert and _refused_client_certificate(error):
+            raise GeneratorError(
+                "token endpoint refused the client certificate in the TLS handshake",
+                transient=False,
+            ) from None
+        if client_cert and isinstance(error, httpx.ReadError | httpx.RemoteProtocolError):
+            raise GeneratorError(
+                f"token endpoint closed the connection ({type(error).__name__}): with mutual "
+                "TLS, that is how a server refuses a client certificate it does not trust",
+                transient=True,
             ) from None
         raise GeneratorError(
             f"cannot reach the token endpoint ({type(error).__name__})", transient=True
@@ -360,7 +377,15 @@ def _load_client_pem(context: ssl.SSLContext, client_pem: str) -> None:
 
 
 def _refused_client_certificate(error: BaseException) -> bool:
-    text = f"{error} {error.__context__}".upper()
+    """Whether the server's TLS alert refused our certificate (anywhere in the chain)."""
+    texts = []
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            break
+        texts.append(f"{type(seen).__name__} {seen}")
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(texts).upper()
     alerts = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")
     return any(alert in text for alert in alerts)
 

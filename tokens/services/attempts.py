@@ -26,7 +26,8 @@ from tokens.conf import tokens_settings
 from tokens.exceptions import TIME_LIMITS, GeneratorError
 from tokens.generators import GeneratedToken, get_generator
 from tokens.generators.base import check_generated
-from tokens.models import Provider
+from tokens.models import Provider, Token
+from tokens.services.versions import refresh_token_store, tokens_store_many
 
 
 @dataclass
@@ -41,6 +42,10 @@ class Attempt:
     error: GeneratorError | None = None
     finished: float | None = None
     thread: threading.Thread | None = None
+    # Stored already (a rotated refresh token came with it): the stored token, or None when
+    # a newer version had won.
+    committed: bool = False
+    stored: Token | None = None
 
     @property
     def duration(self) -> float:
@@ -142,7 +147,24 @@ def _call(attempt: Attempt) -> Attempt:
         attempt.error = error
     finally:
         attempt.finished = time.monotonic()
+    _commit_rotation(attempt)
     return attempt
+
+
+def _commit_rotation(attempt: Attempt) -> None:
+    """The issuer retired the refresh token it was sent: commit the new one at once (with its
+    access token, one transaction), not after the rest of the batch. A process that dies
+    between the issuer's answer and this commit loses the grant; this keeps that window to
+    the answer's parsing."""
+    if attempt.generated is not None and attempt.generated.refresh_token:
+        (attempt.stored,) = tokens_store_many(
+            items=[(attempt.provider, attempt.fence, attempt.generated, attempt.attempted)]
+        )
+        attempt.committed = True
+    elif attempt.error is not None and attempt.error.refresh_token:
+        refresh_token_store(
+            provider=attempt.provider, fence=attempt.fence, value=attempt.error.refresh_token
+        )
 
 
 def _stopped(attempt: Attempt) -> GeneratorError:

@@ -22,7 +22,6 @@ from tokens.generators import registry
 from tokens.models import Provider, ProviderState
 from tokens.sanitize import WITHHELD, echoes, scrub
 from tokens.services.results import RefreshResult
-from tokens.services.versions import refresh_token_store
 
 logger = logging.getLogger("tokens.refresh")
 
@@ -51,10 +50,6 @@ def failure_record(
     metrics.REFRESH_DURATION.labels(provider.kind).observe(duration)
     metrics.REFRESHES.labels(provider.name, "failed").inc()
     metrics.REFRESH_FAILURES.labels(provider.name, error.kind).inc()
-    if error.refresh_token:
-        # The issuer rotated the refresh token and then answered something refused: the new
-        # one is the grant's live credential.
-        refresh_token_store(provider=provider, fence=fence, value=error.refresh_token)
     secrets = [
         *_credentials(provider),
         error.refresh_token or "",
@@ -63,7 +58,8 @@ def failure_record(
     detail = error.detail
     if detail and echoes(detail, secrets):
         detail = WITHHELD
-    message = scrub(f"{error.kind}: {error}" + (f": {detail}" if detail else ""), secrets)
+    label = "reconnect needed" if error.reconnect else error.kind
+    message = scrub(f"{label}: {error}" + (f": {detail}" if detail else ""), secrets)
     failures = (state.consecutive_failures if state else 0) + 1
     if error.transient:
         retry_in: float | None = retry_delay(failures=failures, retry_after=error.retry_after)

@@ -7,7 +7,7 @@ import logging
 import time
 from datetime import datetime
 
-from tokens import cache, metrics
+from tokens import cache, locks, metrics
 from tokens.cache import CachedToken
 from tokens.exceptions import CacheUnavailable
 from tokens.generators import GeneratedToken
@@ -29,6 +29,8 @@ def grant_connect(*, provider: Provider, generated: GeneratedToken, attempted: d
         cache.entries_put(
             [(provider.name, CachedToken.from_row(token))], now=time.time(), publish=True
         )
+        # Readers held back by the failures of the grant before may ask for refreshes again.
+        locks.pending_clear(provider.pk)
     metrics.REFRESHES.labels(provider.name, "connected").inc()
     logger.info(
         "account connected provider=%s version=%s fingerprint=%s",

@@ -168,9 +168,13 @@ def _refresh_due(
     made = [a for a in attempts if a.generated is not None]
     for start in range(0, len(made), STORE_GROUP):
         group = made[start : start + STORE_GROUP]
-        stored = tokens_store_many(
-            items=[(a.provider, a.fence, a.generated, a.attempted) for a in group]  # type: ignore[misc]
+        pending = [a for a in group if not a.committed]
+        late = iter(
+            tokens_store_many(
+                items=[(a.provider, a.fence, a.generated, a.attempted) for a in pending]  # type: ignore[misc]
+            )
         )
+        stored = [a.stored if a.committed else next(late) for a in group]
         _cache_stored([(a.provider, token) for a, token in zip(group, stored, strict=True)])
         for attempt, token in zip(group, stored, strict=True):
             results[attempt.provider.pk] = _report_stored(
