@@ -166,6 +166,9 @@ TOKENS_CALLABLES = env.list("TOKENS_CALLABLES", default=[])
 TOKENS_MONITORING_ACCESS = env.str("TOKENS_MONITORING_ACCESS", default="staff")
 TOKENS_MONITORING_KEY = env.str("TOKENS_MONITORING_KEY", default="")
 TOKENS_FLOWER_URL = env.str("TOKENS_FLOWER_URL", default="")
+# The public base URL of this site, for the redirect URI of "Connect" ("" = from the request).
+TOKENS_PUBLIC_URL = env.str("TOKENS_PUBLIC_URL", default="")
+TOKENS_CONNECT_TIMEOUT = env.float("TOKENS_CONNECT_TIMEOUT", default=600.0)
 
 # ---------------------------------------------------------------------------- examples
 

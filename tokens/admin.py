@@ -68,6 +68,7 @@ class ProviderStateInline(_StatusInline, admin.StackedInline):
         "last_error",
         "last_error_at",
         "permanent_error",
+        "reconnect_needed",
         "next_attempt_at",
         "last_attempt_at",
         "next_run_at",

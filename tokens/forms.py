@@ -33,8 +33,9 @@ class ProviderForm(forms.ModelForm):
         strip=False,
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
         help_text=(
-            "Client secret (static: the token). Never shown; leave blank to keep it, unless "
-            "the kind or the token endpoint changes."
+            "The client secret; or, as the kind and auth_method say, a PEM private key (and "
+            "certificate), a service-account JSON key, or the token itself (static). Never "
+            "shown; leave blank to keep it, unless the kind or the token endpoint changes."
         ),
     )
 

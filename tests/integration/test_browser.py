@@ -141,3 +141,54 @@ def test_browser__operator_adds_a_provider_and_watches_it(
         assert SECRET not in source
         for token in endpoint.issued:
             assert token not in source
+
+
+def test_browser__operator_connects_an_account(page, live_server, tmp_path) -> None:
+    """Connect in a real browser: log in at the test IdP (django-oauth-toolkit), approve, and
+    land back on the provider's page with its first token stored."""
+    from tests.idp import start_idp
+    from tokens.models import Provider, ProviderState
+
+    base = live_server.url
+    User.objects.create_superuser("operator", "op@example.com", "correct horse")
+    with start_idp(tmp_path / "idp", redirect_uris=[f"{base}/tokens/connect/callback/"]) as idp:
+        provider = Provider.objects.create(
+            name="crm",
+            kind="oauth2_refresh_token",
+            config={
+                "authorize_url": idp.authorize_url,
+                "token_url": idp.token_url,
+                "client_id": idp.client_id,
+                "scope": "read",
+            },
+            secret=idp.client_secret,
+        )
+        page.goto(f"{base}/admin/login/")
+        page.fill("#id_username", "operator")
+        page.fill("#id_password", "correct horse")
+        page.click("input[type=submit]")
+        page.wait_for_selector("#site-name")
+
+        page.goto(f"{base}/admin/tokens/provider/{provider.pk}/change/")
+        assert page.inner_text("#tokens-connect") == "Connect"
+        page.screenshot(path=str(SCREENSHOTS / "6-connect.png"), full_page=True)
+        page.click("#tokens-connect")
+
+        # At the IdP: sign in as its user, then approve.
+        page.wait_for_selector("#login")
+        page.fill("input[name=username]", idp.username)
+        page.fill("input[name=password]", idp.password)
+        page.click("#login button[type=submit]")
+        page.wait_for_selector("#authorizationForm")
+        page.screenshot(path=str(SCREENSHOTS / "7-idp-consent.png"), full_page=True)
+        page.click("input[name=allow]")
+
+        # Back on the provider's page: connected, status ok.
+        page.wait_for_selector("text=crm: connected; its first token is stored.")
+        assert page.url.startswith(f"{base}/admin/tokens/provider/{provider.pk}/change/")
+        assert page.inner_text("#tokens-connect") == "Reconnect"
+        assert page.locator(".tokens-status-ok").count() == 1
+        page.screenshot(path=str(SCREENSHOTS / "8-connected.png"), full_page=True)
+        refresh_token = Provider.objects.get(pk=provider.pk).refresh_token
+        assert refresh_token and refresh_token not in page.content()
+        assert ProviderState.objects.get(provider=provider).current_version > 0

@@ -163,3 +163,125 @@ def test_leak_scan__no_secret_or_token_anywhere(
         if needle in text
     ]
     assert leaks == []
+
+
+def test_leak_scan__refresh_tokens_and_private_keys_appear_nowhere(
+    worker_factory,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    """A connected account rotating its refresh token every few seconds, and a jwt_bearer
+    provider whose key signs assertions (one of them refused), all at DEBUG: no refresh
+    token, private key or client secret, nor any 8-character piece of one in any encoding, in
+    logs, events, admin pages (superuser and view-only), health, metrics, Redis or the
+    database."""
+    from django.contrib.auth.models import Permission
+
+    from tests.idp import start_idp
+    from tests.integration.test_connected_accounts import CALLBACK, connect
+    from tests.keys import public_pem, rsa_key_pem
+    from tests.leaks import leaked
+    from tests.token_servers import AssertionServer, Issuer
+
+    caplog.set_level(logging.DEBUG)
+    key = rsa_key_pem("leak-scan")
+    worker: Process = worker_factory(hostname="leaks2", loglevel="DEBUG", DJANGO_LOG_LEVEL="DEBUG")
+    admin = Client()
+    admin.force_login(User.objects.create_superuser("op", "op@example.com", "pw"))
+    viewer_user = User.objects.create_user("viewer", password="pw-viewer-1", is_staff=True)
+    viewer_user.user_permissions.add(Permission.objects.get(codename="view_provider"))
+    viewer = Client()
+    viewer.force_login(viewer_user)
+    refresh_tokens: set[str] = set()
+    access_tokens: set[str] = set()
+
+    with (
+        start_idp(tmp_path / "idp", access_token_seconds=3, redirect_uris=[CALLBACK]) as idp,
+        AssertionServer(issuers={"robot": Issuer(public_pem(key), subjects=["ok"])}) as server,
+        EventLog() as events,
+    ):
+        crm = Provider.objects.create(
+            name="crm",
+            kind="oauth2_refresh_token",
+            config={
+                "authorize_url": idp.authorize_url,
+                "token_url": idp.token_url,
+                "client_id": idp.client_id,
+            },
+            secret=idp.client_secret,
+        )
+        connect(admin, idp, crm)
+        robot = Provider.objects.create(
+            name="robot",
+            kind="jwt_bearer",
+            config={"token_url": server.token_url, "issuer": "robot", "subject": "ok"},
+            secret=key,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # readers keep the account rotating
+            access_tokens.add(get_token("crm", timeout=10))
+            refresh_tokens.add(Provider.objects.get(pk=crm.pk).refresh_token)
+            time.sleep(0.2)
+        assert get_token("robot", timeout=10)
+        robot.config = {**robot.config, "subject": "refused"}
+        robot.save()  # its next assertion is refused: an error with the issuer's words
+        wait_for(
+            lambda: ProviderState.objects.get(provider=robot).consecutive_failures >= 1,
+            20,
+            message="a refused assertion",
+        )
+        access_tokens |= {t.value for t in Token.objects.all()}
+        pages = [
+            client.get(url).content.decode()
+            for client in (admin, viewer)
+            for url in (
+                "/admin/tokens/provider/",
+                f"/admin/tokens/provider/{crm.pk}/change/",
+                f"/admin/tokens/provider/{robot.pk}/change/",
+                "/tokens/health/",
+                "/tokens/metrics",
+            )
+        ]
+        time.sleep(1)
+
+    assert len(refresh_tokens) >= 3, "the refresh token should have rotated a few times"
+    secrets = {*refresh_tokens, key, idp.client_secret}
+    haystacks = {
+        "worker log": worker.log(),
+        "test process log": "\n".join(
+            record.getMessage() for record in caplog.records if not _token_server(record)
+        ),
+        "Celery events": json.dumps(events.events, default=str),
+        "admin, health and metrics pages": "\n".join(pages),
+        "Redis (cache)": "\n".join(redis_dump(settings.REDIS_URL)),
+        "Redis (broker, results, events)": "\n".join(redis_dump(settings.CELERY_BROKER_URL)),
+        "database": "\n".join(database_dump()),
+    }
+    assert "DEBUG" in haystacks["worker log"]
+    leaks = [
+        f"{where}: {sorted(found)[:3]}"
+        for where, text in haystacks.items()
+        for secret in secrets
+        if (found := leaked(text, secret))
+    ]
+    leaks += [
+        f"{where}: an access token"
+        for where, text in haystacks.items()
+        for token in access_tokens
+        if token in text
+    ]
+    assert leaks == []
+
+
+# The test's token endpoint (authlib's server classes) runs in this process and logs what it
+# issues: the other party's log, not tokens'.
+SERVER_LOGGERS = (
+    "authlib.oauth2.rfc7523.jwt_bearer",
+    "authlib.oauth2.rfc7523.client",
+    "authlib.oauth2.rfc6749.grants",
+    "authlib.oauth2.rfc6749.authorization_server",
+)
+
+
+def _token_server(record: logging.LogRecord) -> bool:
+    return record.name.startswith(SERVER_LOGGERS)
