@@ -276,6 +276,7 @@ class ProviderAdmin(admin.ModelAdmin):
             and connect.connectable(provider)
             and self.has_change_permission(request, provider),
             "connected": bool(provider and provider.refresh_token),
+            "connect_hosts": connect.hosts(provider) if provider is not None else None,
         }
         return super().change_view(request, object_id, form_url, extra_context)
 

@@ -15,10 +15,12 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 
 from tokens.conf import tokens_settings
 from tokens.exceptions import GeneratorError
@@ -47,6 +49,16 @@ def connectable(provider: Provider) -> bool:
     return provider.pk is not None and isinstance(_generator(provider.kind), OAuth2RefreshToken)
 
 
+def hosts(provider: Provider) -> tuple[str, str]:
+    """Where Connect sends the admin user, and where the code (and then the refresh token)
+    goes: shown on the button, so nobody approves for a host they do not expect."""
+    config = provider.config if isinstance(provider.config, dict) else {}
+    authorize, token = (
+        urlsplit(str(config.get(key, ""))).hostname or "?" for key in ("authorize_url", "token_url")
+    )
+    return authorize, token
+
+
 def redirect_uri(request: HttpRequest) -> str:
     """The redirect URI to register at the identity provider: TOKENS_PUBLIC_URL (or this
     request's origin) and the callback's path."""
@@ -61,13 +73,11 @@ def connect_begin(request: HttpRequest, provider: Provider) -> str:
     if not isinstance(generator, OAuth2RefreshToken):
         raise ValueError(f"{provider.kind} providers are not connected accounts")
     state = secrets.token_urlsafe(32)
-    verifier = secrets.token_urlsafe(64)
     uri = redirect_uri(request)
     pending = _pending(request)
     pending[state] = {
         "provider": provider.pk,
         "user": request.user.pk,
-        "verifier": verifier,
         "redirect_uri": uri,
         "destination": repr(provider.secret_destination()),
         "started": time.time(),
@@ -77,8 +87,14 @@ def connect_begin(request: HttpRequest, provider: Provider) -> str:
         del pending[oldest]
     request.session[SESSION_KEY] = pending
     return generator.authorization_url(
-        provider.config, redirect_uri=uri, state=state, code_verifier=verifier
+        provider.config, redirect_uri=uri, state=state, code_verifier=_verifier(state)
     )
+
+
+def _verifier(state: str) -> str:
+    """The PKCE verifier of a flow, derived from its state with the site's SECRET_KEY: never
+    stored (a session row or cookie holds the state, not what redeems the code)."""
+    return salted_hmac("tokens.connect.pkce", state, algorithm="sha256").hexdigest()
 
 
 def connect_finish(request: HttpRequest) -> Outcome:
@@ -90,6 +106,7 @@ def connect_finish(request: HttpRequest) -> Outcome:
     for key in list(pending):
         if hmac.compare_digest(key.encode(), state.encode()):
             flow = pending.pop(key)  # single use, whatever comes of it
+            state = key
     request.session[SESSION_KEY] = pending
     if flow is None:
         return Outcome(False, "Connect failed: unknown or already used state; start again.")
@@ -117,16 +134,17 @@ def connect_finish(request: HttpRequest) -> Outcome:
     attempted = timezone.now()
     try:
         generated = generator.exchange_code(
-            provider, code=code, redirect_uri=flow["redirect_uri"], code_verifier=flow["verifier"]
+            provider, code=code, redirect_uri=flow["redirect_uri"], code_verifier=_verifier(state)
         )
     except GeneratorError as failure:
-        return Outcome(False, _failure_text(provider, failure, code), provider_id)
+        credentials = [code, _verifier(state), *failure.sent]
+        return Outcome(False, _failure_text(provider, failure, credentials), provider_id)
     grant_connect(provider=provider, generated=generated, attempted=attempted)
     return Outcome(True, f"{provider.name}: connected; its first token is stored.", provider_id)
 
 
-def _failure_text(provider: Provider, failure: GeneratorError, code: str) -> str:
-    credentials = [provider.secret, provider.refresh_token, code]
+def _failure_text(provider: Provider, failure: GeneratorError, sent: list[str]) -> str:
+    credentials = [provider.secret, provider.refresh_token, *sent]
     detail = failure.detail
     if detail and echoes(detail, credentials):
         detail = WITHHELD

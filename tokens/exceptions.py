@@ -75,6 +75,9 @@ class GeneratorError(TokenError):
         # A rotated refresh token the issuer handed out with an answer that was refused
         # anyway: the grant lives on in it, so it is stored all the same.
         self.refresh_token: str | None = None
+        # The credentials the request carried (assertions, codes, refresh tokens, the
+        # Authorization header's): the issuer's words must not repeat them either.
+        self.sent: list[str] = []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r}, transient={self.transient})"

@@ -108,6 +108,13 @@ class Provider(models.Model):
             instance._loaded_refresh_token = instance.refresh_token
         return instance
 
+    def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
+        # Also how Django loads a deferred field: what was read is the new baseline.
+        super().refresh_from_db(*args, **kwargs)
+        fields = kwargs.get("fields", args[1] if len(args) > 1 else None)
+        if fields is None or "refresh_token" in fields:
+            self._loaded_refresh_token = self.refresh_token
+
     def refresh_token_changed(self) -> bool:
         """Whether this instance's refresh token was set since it was read (or it is new)."""
         return getattr(self, "_loaded_refresh_token", None) != self.refresh_token

@@ -374,3 +374,38 @@ def test_worker_killed_after_the_issuer_rotated__is_the_documented_window(
     assert health.status_code == 503
     (entry,) = [p for p in health.json()["providers"] if p["name"] == "crm"]
     assert entry["reconnect_needed"] is True and entry["status"] == "reconnect"
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("empty_queues")
+def test_connect__the_session_holds_no_pkce_verifier(admin_client: Client, idp: IdP) -> None:
+    """A session row (or cookie) with the state cannot redeem a leaked code: the verifier is
+    derived from the state with SECRET_KEY, never stored."""
+    import base64
+    import hashlib
+
+    provider = add_provider(idp)
+    authorize = begin(admin_client, idp, provider)
+    challenge = parse_qs(urlsplit(authorize).query)["code_challenge"][0]
+    stored = json.dumps(admin_client.session.get("tokens_connect"))
+
+    def s256(value: str) -> str:
+        digest = hashlib.sha256(value.encode()).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    words = {w for w in stored.replace('"', " ").replace(",", " ").split() if len(w) >= 43}
+    assert words and all(s256(word) != challenge for word in words)
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("empty_queues")
+def test_connect__extra_authorize_params_are_query_data(admin_client: Client, idp: IdP) -> None:
+    provider = add_provider(idp)
+    provider.config = {
+        **provider.config,
+        "extra_authorize_params": {"uri": "x", "access_type": "offline", "prompt": "consent"},
+    }
+    provider.save()
+    query = parse_qs(urlsplit(begin(admin_client, idp, provider)).query)
+    assert query["uri"] == ["x"] and query["access_type"] == ["offline"]
+    assert urlsplit(begin(admin_client, idp, provider)).path == "/o/authorize/"

@@ -8,6 +8,7 @@ tests/integration/test_connected_accounts.py.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -24,7 +25,7 @@ from tests.factories import state
 from tokens import TokenUnavailable, cache, get_token, memory
 from tokens.constants import Outcome, Reason
 from tokens.exceptions import GeneratorError
-from tokens.generators import GeneratedToken
+from tokens.generators import GeneratedToken, Generator
 from tokens.models import Provider, ProviderState, Token
 from tokens.services import invalidation, refresh, versions
 from tokens.status import Status, status_of
@@ -357,3 +358,135 @@ def test_generator_error__carries_no_credential_in_its_text() -> None:
     error = GeneratorError("x", transient=False)
     error.refresh_token = "rt-hidden"
     assert "rt-hidden" not in repr(error) and "rt-hidden" not in str(error)
+
+
+def test_provider_save__after_refresh_from_db_or_a_deferred_load_keeps_the_newest(
+    httpserver: HTTPServer, endpoint: RotatingEndpoint
+) -> None:
+    provider = connected(httpserver)
+    reread = Provider.objects.get(pk=provider.pk)
+    deferred = Provider.objects.defer("refresh_token").get(pk=provider.pk)
+    refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)  # rt-1
+    reread.refresh_from_db()
+    assert deferred.refresh_token == "rt-1"  # loads the deferred field now
+    refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)  # rt-2
+    reread.save()
+    deferred.refresh_interval = timedelta(minutes=9)
+    deferred.save()
+    assert stored_refresh_token(provider) == "rt-2"
+
+
+def test_provider_save__a_pasted_refresh_token_while_disabling_beats_an_older_refresh(
+    httpserver: HTTPServer, endpoint: RotatingEndpoint
+) -> None:
+    provider = connected(httpserver)
+    in_flight = versions.fence_next(provider_id=provider.pk)  # a refresh with rt-0 began
+    provider.enabled = False
+    provider.refresh_token = "rt-pasted"
+    provider.save()
+    late = (provider, in_flight, GeneratedToken("at-x", refresh_token="rt-rotated"), timezone.now())
+    versions.tokens_store_many(items=[late])
+    assert stored_refresh_token(provider) == "rt-pasted"
+
+
+class LateRotation(Generator):
+    """A rotating grant whose issuer answers only when the test says so."""
+
+    kind = "late_rotation"
+    label = "late rotation (tests)"
+    uses_refresh_token = True
+    release = threading.Event()
+
+    def generate(self, provider: Provider) -> GeneratedToken:
+        assert self.release.wait(10)
+        return GeneratedToken("at-late", refresh_token=f"{provider.refresh_token}-rotated")
+
+
+def test_refresh__a_given_up_call_that_answers_later_still_keeps_its_rotated_refresh_token(
+    settings: Any,
+) -> None:
+    """A batch gives up a call at its deadline; the issuer answers afterwards, having rotated
+    the refresh token: the new one is kept (the late access token is not stored)."""
+    settings.TOKENS_GENERATORS = {"late_rotation": f"{__name__}.LateRotation"}
+    settings.TOKENS_HTTP_TIMEOUT = 0.3
+    LateRotation.release.clear()
+    first, second = (
+        Provider.objects.create(name=name, kind="late_rotation", refresh_token=f"rt-{name}")
+        for name in ("a", "b")
+    )
+    results = refresh.refresh_many(
+        provider_ids=[first.pk, second.pk], reason=Reason.MANUAL, deadline=time.monotonic() + 0.1
+    )
+    assert {r.outcome for r in results.values()} == {Outcome.FAILED}
+    assert "given up" in state(first).last_error
+    LateRotation.release.set()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and stored_refresh_token(second) != "rt-b-rotated":
+        time.sleep(0.05)
+    assert stored_refresh_token(first) == "rt-a-rotated"
+    assert stored_refresh_token(second) == "rt-b-rotated"
+    assert not Token.objects.filter(provider__in=[first, second]).exists()
+
+
+def test_failure__an_echoed_client_assertion_never_reaches_the_error(
+    httpserver: HTTPServer,
+) -> None:
+    """A per-request credential (here a client_secret_jwt assertion) is scrubbed like the
+    secret, not merely cut by the error's length limit."""
+
+    def echo(request: Request) -> Response:
+        form = {k: v[0] for k, v in parse_qs(request.get_data(as_text=True)).items()}
+        assertion = form["client_assertion"]
+        return Response(
+            json.dumps({"error": "invalid_client", "error_description": assertion[:120]}),
+            status=401,
+            content_type="application/json",
+        )
+
+    httpserver.expect_request("/token", method="POST").respond_with_handler(echo)
+    provider = Provider.objects.create(
+        name="echo",
+        kind="oauth2_client_credentials",
+        config={
+            "token_url": httpserver.url_for("/token"),
+            "client_id": "c1",
+            "auth_method": "client_secret_jwt",
+        },
+        secret=CLIENT_SECRET,
+    )
+    refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+    error = state(provider).last_error
+    assert "invalid_client" in error and "eyJ" not in error, error
+
+
+def test_admin_form__a_new_auth_method_needs_the_secret_again(admin_client: Client) -> None:
+    """A private key kept for private_key_jwt must not be posted as a client secret."""
+    from tests.keys import rsa_key_pem
+
+    provider = Provider.objects.create(
+        name="signed",
+        kind="oauth2_client_credentials",
+        config={
+            "token_url": "https://auth.example/token",
+            "client_id": "c1",
+            "auth_method": "private_key_jwt",
+        },
+        secret=rsa_key_pem(),
+    )
+    downgraded = {**provider.config, "auth_method": "client_secret_post"}
+    response = admin_client.post(
+        f"/admin/tokens/provider/{provider.pk}/change/",
+        {
+            "name": "signed",
+            "kind": "oauth2_client_credentials",
+            "enabled": "on",
+            "config": json.dumps(downgraded),
+            "secret": "",
+            "refresh_token": "",
+            "refresh_interval": "00:05:00",
+            **_inline_management(),
+        },
+    )
+    assert response.status_code == 200
+    assert "Enter the secret again" in response.content.decode()
+    assert Provider.objects.get(pk=provider.pk).config["auth_method"] == "private_key_jwt"

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from tokens.exceptions import GeneratorError
 from tokens.generators.base import ConfigErrors, GeneratedToken, Generator
-from tokens.generators.client_auth import check_client_auth
+from tokens.generators.client_auth import auth_method, check_client_auth
 from tokens.generators.oauth2 import (
     check_ca,
     check_extra_params,
@@ -106,7 +107,9 @@ class OAuth2RefreshToken(Generator):
 
     def secret_destination(self, config: Mapping[str, Any]) -> object:
         """The client secret and the refresh token go to the token endpoint."""
-        return endpoint_destination(self.kind, config.get("token_url"), config.get("ca_certs"))
+        return endpoint_destination(
+            self.kind, config.get("token_url"), config.get("ca_certs"), auth_method(config)
+        )
 
     def generate(self, provider: Provider) -> GeneratedToken:
         if not provider.refresh_token:
@@ -124,20 +127,19 @@ class OAuth2RefreshToken(Generator):
         self, config: Mapping[str, Any], *, redirect_uri: str, state: str, code_verifier: str
     ) -> str:
         """Where to send the person who connects the account (RFC 6749 §4.1.1, RFC 7636)."""
-        extra = dict(config.get("extra_authorize_params") or {})
-        return str(
-            prepare_grant_uri(
-                config["authorize_url"],
-                client_id=config["client_id"],
-                response_type="code",
-                redirect_uri=redirect_uri,
-                scope=config.get("scope") or None,
-                state=state,
-                code_challenge=create_s256_code_challenge(code_verifier),
-                code_challenge_method="S256",
-                **extra,
-            )
+        uri = prepare_grant_uri(
+            config["authorize_url"],
+            client_id=config["client_id"],
+            response_type="code",
+            redirect_uri=redirect_uri,
+            scope=config.get("scope") or None,
+            state=state,
+            code_challenge=create_s256_code_challenge(code_verifier),
+            code_challenge_method="S256",
         )
+        # Extra parameters are data: added to the query, never keyword arguments.
+        extra = sorted((config.get("extra_authorize_params") or {}).items())
+        return str(add_params_to_uri(uri, extra)) if extra else str(uri)
 
     def exchange_code(
         self, provider: Provider, *, code: str, redirect_uri: str, code_verifier: str

@@ -123,6 +123,14 @@ class GitHubApp(Generator):
 def parse_installation_token(response: HttpResponse) -> GeneratedToken:
     """GitHub's answer (201 with ``token`` and ``expires_at``), or a classified error."""
     try:
+        return _parse(response)
+    except GeneratorError as error:
+        error.sent = list(response.sent)  # the app's JWT
+        raise
+
+
+def _parse(response: HttpResponse) -> GeneratedToken:
+    try:
         data = json.loads(response.body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         data = None

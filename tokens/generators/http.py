@@ -19,6 +19,7 @@ certificate (RFC 8705 mutual TLS) comes from the provider's secret, never from a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -31,6 +32,7 @@ from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from urllib.parse import parse_qsl
 
 import httpx
 
@@ -49,6 +51,8 @@ class HttpResponse:
     body: bytes = field(repr=False)
     # When the request was sent: an issuer's lifetime counts from its clock, so from then.
     started: datetime | None = None
+    # The credentials it carried, for scrubbing what the issuer says back.
+    sent: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def content_type(self) -> str:
@@ -124,7 +128,7 @@ def _send(
     exchange = _post(url, body, request_headers, context, timeout, limit)
     started = datetime.now(UTC)
     try:
-        return replace(_run(exchange), started=started)
+        return replace(_run(exchange), started=started, sent=_credentials(body, request_headers))
     except TimeoutError:
         raise GeneratorError(
             f"token endpoint did not answer within {timeout:g}s (TOKENS_HTTP_TIMEOUT, "
@@ -177,6 +181,23 @@ def _send(
         raise GeneratorError(
             f"cannot reach the token endpoint ({type(error).__name__})", transient=True
         ) from None
+
+
+# Form fields that carry a credential (RFC 6749, 7521, 7523, 7636).
+CREDENTIAL_FIELDS = frozenset(
+    {"client_secret", "client_assertion", "assertion", "refresh_token", "code", "code_verifier"}
+)
+
+
+def _credentials(body: bytes, headers: Mapping[str, str]) -> tuple[str, ...]:
+    sent = []
+    if body and not body.startswith((b"{", b"[")):
+        with contextlib.suppress(UnicodeDecodeError, ValueError):
+            sent += [v for k, v in parse_qsl(body.decode()) if k in CREDENTIAL_FIELDS and v]
+    authorization = headers.get("Authorization", "")
+    if " " in authorization:
+        sent.append(authorization.split(" ", 1)[1])
+    return tuple(sent)
 
 
 def _run(coroutine: Coroutine[object, object, HttpResponse]) -> HttpResponse:

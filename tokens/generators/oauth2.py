@@ -23,7 +23,7 @@ from tokens.generators.base import (
     Generator,
     token_from_mapping,
 )
-from tokens.generators.client_auth import authenticate, check_client_auth
+from tokens.generators.client_auth import auth_method, authenticate, check_client_auth
 from tokens.generators.http import HttpResponse, check_ca_certs, post_form
 
 if TYPE_CHECKING:
@@ -98,6 +98,14 @@ def parse_token_response(
     ``keep_refresh_token``, a refresh token in the answer comes with the token, or with the
     error when the rest of the answer is refused (it may be the grant's only live credential).
     """
+    try:
+        return _parse_token_response(response, keep_refresh_token)
+    except GeneratorError as error:
+        error.sent = list(response.sent)
+        raise
+
+
+def _parse_token_response(response: HttpResponse, keep_refresh_token: bool) -> GeneratedToken:
     status = response.status
     try:
         data = json.loads(response.body)
@@ -199,15 +207,16 @@ def check_strings(config: Mapping[str, Any], keys: tuple[str, ...], errors: Conf
             errors.add("config", f"{key}: must be a non-empty string")
 
 
-def endpoint_destination(kind: str, url: object, ca_certs: object) -> object:
+def endpoint_destination(kind: str, url: object, ca_certs: object, *how: object) -> object:
     """Who receives what a kind sends: the endpoint's origin, and the CAs trusted to vouch
-    for it."""
+    for it; and ``how`` it is sent (a client authentication method: a private key that signs
+    assertions must not be posted as a client secret)."""
     try:
         parts = urlsplit(url) if isinstance(url, str) else None
         origin = (parts.scheme, parts.hostname, parts.port) if parts else None
     except ValueError:
         origin = None
-    return (kind, origin, ca_certs)
+    return (kind, origin, ca_certs, *how)
 
 
 def token_request(
@@ -267,7 +276,9 @@ class OAuth2ClientCredentials(Generator):
     def secret_destination(self, config: Mapping[str, Any]) -> object:
         """Who receives the client secret: the token endpoint's origin, and the CAs trusted
         to vouch for it."""
-        return endpoint_destination(self.kind, config.get("token_url"), config.get("ca_certs"))
+        return endpoint_destination(
+            self.kind, config.get("token_url"), config.get("ca_certs"), auth_method(config)
+        )
 
     def generate(self, provider: Provider) -> GeneratedToken:
         config = provider.config

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from billiard.common import (  # type: ignore[attr-defined]
@@ -46,6 +46,9 @@ class Attempt:
     # a newer version had won.
     committed: bool = False
     stored: Token | None = None
+    given_up: bool = False
+    # Orders the call's end against its being given up (the batch's deadline, a time limit).
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def duration(self) -> float:
@@ -121,7 +124,7 @@ def attempts_run(
             running = [a for a in started if a.finished is None]
         for attempt in running:
             _give_up(attempt, _stopped(attempt), held)
-        raise Interrupted(running, limit) from None
+        raise Interrupted([a for a in running if a.given_up], limit) from None
     pool.shutdown(wait=False, cancel_futures=True)
     with begun:
         attempts = list(started)
@@ -141,13 +144,22 @@ def attempts_run(
 
 
 def _call(attempt: Attempt) -> Attempt:
+    generated: GeneratedToken | None = None
+    error: GeneratorError | None = None
     try:
-        attempt.generated = generator_call(provider=attempt.provider)
-    except GeneratorError as error:
-        attempt.error = error
-    finally:
+        generated = generator_call(provider=attempt.provider)
+    except GeneratorError as failure:
+        error = failure
+    with attempt.lock:
         attempt.finished = time.monotonic()
-    _commit_rotation(attempt)
+        if attempt.given_up:
+            # Reported failed already; but the issuer may have rotated the refresh token.
+            rotated = generated.refresh_token if generated else error and error.refresh_token
+            if rotated:
+                refresh_token_store(provider=attempt.provider, fence=attempt.fence, value=rotated)
+            return attempt
+        attempt.generated, attempt.error = generated, error
+        _commit_rotation(attempt)
     return attempt
 
 
@@ -178,10 +190,15 @@ def _stopped(attempt: Attempt) -> GeneratorError:
 
 
 def _give_up(attempt: Attempt, error: GeneratorError, held: dict[int, str] | None) -> None:
-    """A generator call still running: report it failed, keep its lock (it expires by TTL)."""
-    attempt.error = error
-    attempt.generated = None
-    attempt.finished = attempt.finished or time.monotonic()
+    """A generator call still running: report it failed, keep its lock (it expires by TTL).
+    A call that ended meanwhile keeps what it got."""
+    with attempt.lock:
+        if attempt.finished is not None and not attempt.given_up and attempt.thread is not None:
+            return
+        attempt.given_up = True
+        attempt.error = error
+        attempt.generated = None
+        attempt.finished = attempt.finished or time.monotonic()
     if held is not None:
         held.pop(attempt.provider.pk, None)
     if attempt.thread is not None and attempt.thread is not threading.current_thread():

@@ -53,6 +53,7 @@ def failure_record(
     secrets = [
         *_credentials(provider),
         error.refresh_token or "",
+        *error.sent,
         *selectors.provider_token_values(provider=provider),
     ]
     detail = error.detail

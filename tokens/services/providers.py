@@ -54,7 +54,9 @@ def provider_saved(*, provider: Provider, previous: Provider | None, created: bo
             )
         queue.refresh_send(provider_id=provider.pk, reason=Reason.MANUAL)
     elif not provider.enabled and (previous is None or previous.enabled or changed):
-        provider_invalidate(provider=provider, reset_failures=changed)
+        provider_invalidate(
+            provider=provider, reset_failures=changed, new_refresh_token=new_refresh_token
+        )
 
 
 def provider_deleted(*, provider: Provider) -> None:
