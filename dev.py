@@ -3,6 +3,7 @@
 
     python3 dev.py run     the whole stack: web, worker, beat, Flower (+ an embedded Redis)
     python3 dev.py test    the whole test suite (extra arguments go to pytest)
+    python3 dev.py manage  a manage.py command beside the dev run (same database and Redis)
     python3 dev.py lint    ruff, mypy and import-linter
     python3 dev.py bench   the benchmarks
 
@@ -21,12 +22,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("TOKENS_VENV", ROOT / ".venv"))
-COMMANDS = {"run": "", "test": "dev", "lint": "dev", "bench": "dev"}
+COMMANDS = {"run": "stack", "manage": "stack", "test": "dev", "lint": "dev", "bench": "dev"}
 
 
 def install_stamps(digest: str, extra: str) -> tuple[list[Path], Path]:
     """The stamps that show what ``extra`` needs is installed, and the one to leave after
-    installing it: "dev" (tests, linters) includes the runtime, not the other way round."""
+    installing it: "dev" (tests, linters) includes "stack" (the dev run), not the other way
+    round."""
     installed = VENV / f".tokens-installed-{digest}-{extra or 'runtime'}"
     enough = [VENV / f".tokens-installed-{digest}-dev"]
     if extra != "dev":

@@ -23,6 +23,8 @@ from project.embedded_redis import EmbeddedRedis
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("DEV_STATE_DIR", ROOT / ".state")).resolve()
 DEV_ENV = STATE / "dev.env"
+# The embedded Redis's URL while the dev run runs.
+REDIS_URL_FILE = STATE / "redis.url"
 BIN = Path(sys.executable).parent
 
 
@@ -77,11 +79,21 @@ def ensure_admin(env: dict[str, str]) -> None:
         "import sys\n"
         "from django.contrib.auth import get_user_model\n"
         "User = get_user_model()\n"
-        "if User.objects.filter(username=sys.argv[1]).exists(): sys.exit(3)\n"
-        "User.objects.create_superuser(sys.argv[1], '', sys.argv[2])\n"
+        "user = User.objects.filter(username=sys.argv[1]).first()\n"
+        "if user is None:\n"
+        "    User.objects.create_superuser(sys.argv[1], '', sys.argv[2]); sys.exit(0)\n"
+        "if sys.argv[3] != '1': sys.exit(3)\n"
+        "user.set_password(sys.argv[2]); user.save(update_fields=['password']); sys.exit(4)\n"
     )
     result = subprocess.run(
-        [str(BIN / "python"), "-c", f"import django; django.setup()\n{code}", username, password],
+        [
+            str(BIN / "python"),
+            "-c",
+            f"import django; django.setup()\n{code}",
+            username,
+            password,
+            "1" if env.get("DJANGO_SUPERUSER_PASSWORD") else "0",
+        ],
         cwd=ROOT,
         env={**env, "DJANGO_SETTINGS_MODULE": "project.settings"},
         check=False,
@@ -95,17 +107,34 @@ def ensure_admin(env: dict[str, str]) -> None:
         print(
             f"dev: created admin user {username!r} with password {shown}  (shown once)", flush=True
         )
+    elif result.returncode == 4:
+        print(
+            f"dev: admin user {username!r}: password set from DJANGO_SUPERUSER_PASSWORD", flush=True
+        )
     elif result.returncode != 3:
         raise SystemExit("dev: could not create the admin user")
 
 
-def run() -> int:
-    env = {**dev_secrets(), **os.environ}
+def with_checkout(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a process of the example project: project/ is run from this checkout (the
+    distribution installs only tokens/), so the checkout is on the import path."""
+    paths = [str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
+def dev_env() -> dict[str, str]:
+    """The environment of the dev run, and of commands run beside it."""
+    env = with_checkout({**dev_secrets(), **os.environ})
     env.setdefault("DJANGO_DEBUG", "true")
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     env["DEV_STATE_DIR"] = str(STATE)
     env.setdefault("DATABASE_URL", f"sqlite:///{STATE / 'db.sqlite3'}")
+    return env
+
+
+def run() -> int:
+    env = dev_env()
     web_port = env.setdefault("DEV_WEB_PORT", "8000")
     flower_port = env.setdefault("DEV_FLOWER_PORT", "5555")
     env.setdefault("TOKENS_FLOWER_URL", f"http://127.0.0.1:{flower_port}")
@@ -118,6 +147,8 @@ def run() -> int:
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     with redis_url(env) as url:
         env["REDIS_URL"] = url
+        # Commands in a second terminal (python3 dev.py manage ...) use this Redis too.
+        REDIS_URL_FILE.write_text(url)
         _manage(env, "migrate", "--no-input", "-v", "0")
         ensure_admin(env)
         print(
@@ -137,13 +168,34 @@ def run() -> int:
 
         signal.signal(signal.SIGINT, forward)
         signal.signal(signal.SIGTERM, forward)
-        code = honcho.wait()
+        try:
+            code = honcho.wait()
+        finally:
+            REDIS_URL_FILE.unlink(missing_ok=True)
     print("dev: stopped", flush=True)
     return code
 
 
+def manage(args: list[str]) -> int:
+    """``manage.py`` with the dev run's settings: its database, secrets and (while it runs)
+    its Redis."""
+    env = dev_env()
+    if not env.get("REDIS_URL"):
+        if REDIS_URL_FILE.is_file():
+            env["REDIS_URL"] = REDIS_URL_FILE.read_text().strip()
+        else:
+            print(
+                "dev: the dev run is not running: no Redis (commands that need it will say so)",
+                file=sys.stderr,
+                flush=True,
+            )
+            env["REDIS_URL"] = "redis://127.0.0.1:1/0"
+    return subprocess.call([str(BIN / "python"), "manage.py", *args], cwd=ROOT, env=env)
+
+
 def test(args: list[str]) -> int:
-    return subprocess.call([str(BIN / "python"), "-m", "pytest", *args], cwd=ROOT)
+    env = with_checkout(dict(os.environ))
+    return subprocess.call([str(BIN / "python"), "-m", "pytest", *args], cwd=ROOT, env=env)
 
 
 def lint() -> int:
@@ -151,7 +203,7 @@ def lint() -> int:
 
     # mypy's Django plugin sets Django up: give it throwaway settings.
     env = {
-        **os.environ,
+        **with_checkout(dict(os.environ)),
         "DJANGO_SECRET_KEY": "lint",
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         "TOKENS_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
@@ -166,7 +218,9 @@ def lint() -> int:
 
 
 def bench(args: list[str]) -> int:
-    return subprocess.call([str(BIN / "python"), "-m", "bench", *args], cwd=ROOT)
+    return subprocess.call(
+        [str(BIN / "python"), "-m", "bench", *args], cwd=ROOT, env=with_checkout(dict(os.environ))
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -175,6 +229,8 @@ def main(argv: list[str]) -> int:
         return run()
     if command == "test":
         return test(args)
+    if command == "manage":
+        return manage(args)
     if command == "lint":
         return lint()
     if command == "bench":

@@ -65,6 +65,10 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     # Test tokens live a few seconds; the production floor is 10 s.
     os.environ.setdefault("TOKENS_MIN_LIFETIME", "1")
     os.environ.setdefault("TOKENS_CALLABLES", ",".join(TEST_CALLABLES))
+    # Workers, beat and scripts the tests start import project/ and tests/ from this checkout.
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -19,16 +19,6 @@ from tokens.models import Provider, ProviderState, Token
 from tokens.services import refresh
 from tokens.status import Status, refreshing_all, refreshing_ids, status_of, with_status
 
-BADGE_COLOURS = {
-    Status.OK: "#1e7e34",
-    Status.REFRESHING: "#1f6feb",
-    Status.RECONNECT: "#6f42c1",
-    Status.FAILING: "#b35900",
-    Status.EXPIRED: "#b02a37",
-    Status.NEVER: "#6c757d",
-    Status.DISABLED: "#6c757d",
-}
-
 
 def _may_view_providers(request: HttpRequest) -> bool:
     """The status and the history (fingerprints) are part of what view_provider shows."""
@@ -120,6 +110,9 @@ class ProviderAdmin(admin.ModelAdmin):
     ]
     change_form_template = "admin/tokens/provider/change_form.html"
 
+    class Media:
+        css = {"all": ["tokens/admin.css"]}
+
     # ------------------------------------------------------------------ columns
 
     @admin.display(description="status")
@@ -132,12 +125,9 @@ class ProviderAdmin(admin.ModelAdmin):
             refreshing=obj.pk in refreshing_ids([obj.pk]),
             now=timezone.now(),
         )
+        # Colours: tokens/static/tokens/admin.css.
         return format_html(
-            '<span class="tokens-status tokens-status-{}" style="color:#fff;background:{};'
-            'padding:1px 8px;border-radius:8px;">{}</span>',
-            status.value,
-            BADGE_COLOURS[status],
-            status.label,
+            '<span class="tokens-status tokens-status-{}">{}</span>', status.value, status.label
         )
 
     @admin.display(description="fingerprint")
