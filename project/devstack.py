@@ -75,15 +75,18 @@ def _manage(env: dict[str, str], *args: str) -> None:
 def ensure_admin(env: dict[str, str]) -> None:
     username = env.get("DJANGO_SUPERUSER_USERNAME", "admin")
     password = env.get("DJANGO_SUPERUSER_PASSWORD") or secrets.token_urlsafe(12)
+    # The password goes in the child's environment, which only this user can read, never in
+    # its argv, which every local user can (ps, /proc/<pid>/cmdline).
     code = (
-        "import sys\n"
+        "import os, sys\n"
         "from django.contrib.auth import get_user_model\n"
+        "password = os.environ.pop('DEV_ADMIN_PASSWORD')\n"
         "User = get_user_model()\n"
         "user = User.objects.filter(username=sys.argv[1]).first()\n"
         "if user is None:\n"
-        "    User.objects.create_superuser(sys.argv[1], '', sys.argv[2]); sys.exit(0)\n"
-        "if sys.argv[3] != '1': sys.exit(3)\n"
-        "user.set_password(sys.argv[2]); user.save(update_fields=['password']); sys.exit(4)\n"
+        "    User.objects.create_superuser(sys.argv[1], '', password); sys.exit(0)\n"
+        "if sys.argv[2] != '1': sys.exit(3)\n"
+        "user.set_password(password); user.save(update_fields=['password']); sys.exit(4)\n"
     )
     result = subprocess.run(
         [
@@ -91,11 +94,10 @@ def ensure_admin(env: dict[str, str]) -> None:
             "-c",
             f"import django; django.setup()\n{code}",
             username,
-            password,
             "1" if env.get("DJANGO_SUPERUSER_PASSWORD") else "0",
         ],
         cwd=ROOT,
-        env={**env, "DJANGO_SETTINGS_MODULE": "project.settings"},
+        env={**env, "DJANGO_SETTINGS_MODULE": "project.settings", "DEV_ADMIN_PASSWORD": password},
         check=False,
     )
     if result.returncode == 0:
@@ -176,12 +178,22 @@ def run() -> int:
     return code
 
 
+def _answers(url: str) -> bool:
+    """Whether the Redis at ``url`` answers (a run killed hard leaves its URL behind)."""
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
 def manage(args: list[str]) -> int:
     """``manage.py`` with the dev run's settings: its database, secrets and (while it runs)
     its Redis."""
     env = dev_env()
     if not env.get("REDIS_URL"):
-        if REDIS_URL_FILE.is_file():
+        if REDIS_URL_FILE.is_file() and _answers(REDIS_URL_FILE.read_text().strip()):
             env["REDIS_URL"] = REDIS_URL_FILE.read_text().strip()
         else:
             print(
