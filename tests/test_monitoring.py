@@ -187,3 +187,36 @@ def test_metrics__refreshes_failures_expiry_waits_and_timeouts(staff: Client) ->
     assert 'tokens_get_token_waits_total{provider="bad"}' in text
     assert 'tokens_get_token_timeouts_total{provider="bad"}' in text
     assert "mapped" not in text
+
+
+def test_metrics__only_tokens_own_series(staff: Client) -> None:
+    """Not Flower's counters, nor the client library's process and GC collectors, that share
+    the default registry of the process."""
+    from prometheus_client import REGISTRY, Counter
+
+    ok_provider("a")
+    foreign = Counter("flower_events_total", "Flower's, say.", registry=REGISTRY)
+    foreign.inc()
+    try:
+        text = staff.get("/tokens/metrics").content.decode()
+    finally:
+        REGISTRY.unregister(foreign)
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    assert names and all(name.startswith("tokens_") for name in names), names
+    assert "tokens_refreshes_total" in text
+
+
+def test_monitoring__one_url_each_the_other_redirects(staff: Client) -> None:
+    health = staff.get("/tokens/health?x=1")
+    assert health.status_code in (301, 302) and health["Location"] == "/tokens/health/?x=1"
+    metrics = staff.get("/tokens/metrics/")
+    assert metrics.status_code in (301, 302) and metrics["Location"] == "/tokens/metrics"
+
+
+def test_health__503_is_not_logged_as_a_server_error(
+    staff: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_provider("b", config={"client_id": "c"})  # never gets a token
+    with caplog.at_level("WARNING", logger="django.request"):
+        assert staff.get("/tokens/health/").status_code == 503
+    assert not [r for r in caplog.records if r.name == "django.request"], caplog.text

@@ -3,17 +3,23 @@ database at scrape time are tokens.monitoring's)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+# tokens' own registry: /tokens/metrics shows these, not whatever else shares the process
+# (Flower's metrics, the client library's process and GC collectors).
+REGISTRY = CollectorRegistry(auto_describe=True)
 
 REFRESHES = Counter(
     "tokens_refreshes_total",
     "Refreshes that called the generator, by outcome.",
     ["provider", "outcome"],
+    registry=REGISTRY,
 )
 REFRESH_FAILURES = Counter(
     "tokens_refresh_failures_total",
     "Failed refreshes, by error class.",
     ["provider", "error_class"],
+    registry=REGISTRY,
 )
 # Histograms are labelled by generator kind, not provider: a bucket series per provider would
 # be tens of thousands of series at 10,000 providers.
@@ -22,23 +28,28 @@ REFRESH_DURATION = Histogram(
     "Time spent in the generator per refresh, by generator kind.",
     ["kind"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
 )
 SCHEDULE_DISPATCHED = Counter(
     "tokens_schedule_dispatched_total",
     "Scheduled refreshes the dispatcher sent to the workers.",
+    registry=REGISTRY,
 )
 SCHEDULE_LATENESS = Histogram(
     "tokens_schedule_lateness_seconds",
     "From a scheduled batch's oldest due time to a worker starting it.",
     buckets=(0.1, 0.25, 0.5, 1, 2, 3, 6, 10, 30, 60, 300),
+    registry=REGISTRY,
 )
 WAITS = Counter(
     "tokens_get_token_waits_total",
     "get_token() calls that had to wait for a token.",
     ["provider"],
+    registry=REGISTRY,
 )
 TIMEOUTS = Counter(
     "tokens_get_token_timeouts_total",
     "get_token() calls that timed out (TokenUnavailable).",
     ["provider"],
+    registry=REGISTRY,
 )

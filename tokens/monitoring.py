@@ -14,9 +14,9 @@ from django.utils import timezone
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import REGISTRY, Collector
+from prometheus_client.registry import Collector
 
-from tokens import selectors
+from tokens import metrics, selectors
 from tokens.status import has_valid_token
 
 
@@ -65,15 +65,26 @@ class ProviderCollector(Collector):
         yield from (expiry, valid, failures, reconnect, overdue, dispatcher)
 
 
+class _Own(Collector):
+    """Only tokens' metrics of a collector that reads every process's files (others, Flower
+    say, may write to the same directory)."""
+
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        return (m for m in self.collector.collect() if m.name.startswith("tokens_"))
+
+
 def exposition() -> bytes:
     """The text exposition: counters (this process's, or all of them in multiprocess mode)
     followed by the gauges read from the database."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         processes = CollectorRegistry()
-        MultiProcessCollector(processes)
+        processes.register(_Own(MultiProcessCollector(None)))
         counters = generate_latest(processes)
     else:
-        counters = generate_latest(REGISTRY)
+        counters = generate_latest(metrics.REGISTRY)
     database = CollectorRegistry()
     database.register(ProviderCollector())
     return counters + generate_latest(database)

@@ -51,7 +51,10 @@ def health(request: HttpRequest) -> HttpResponse:
         "schedule": schedule,
         "providers": providers,
     }
-    return JsonResponse(body, status=200 if healthy else 503)
+    response = JsonResponse(body, status=200 if healthy else 503)
+    # An unhealthy answer is the endpoint doing its job, not a server error to log.
+    response._has_been_logged = True  # type: ignore[attr-defined]
+    return response
 
 
 @require_GET
