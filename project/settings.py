@@ -141,7 +141,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's DatabaseScheduler, sending tokens' dispatcher only when something is due.
+CELERY_BEAT_SCHEDULER = "tokens.schedulers:DatabaseScheduler"
 
 # ---------------------------------------------------------------------------- tokens
 

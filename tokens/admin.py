@@ -283,7 +283,7 @@ class ProviderAdmin(admin.ModelAdmin):
                 request, f"{provider.name}: disabled, not refreshed.", messages.WARNING
             )
             return
-        if not refresh.refresh_for_operator(provider_id=provider.pk):
+        if not refresh.refresh_for_operator(provider_id=provider.pk, name=provider.name):
             self.message_user(
                 request,
                 f"{provider.name}: a refresh was queued moments ago; not queued again.",

@@ -214,6 +214,7 @@ class _Reader:
             # Now, without the broker's publish retries: a reader is waiting.
             queue.refresh_send(
                 provider_id=self.provider_id,
+                name=self.name,
                 reason=Reason.READER,
                 failing=failing,
                 after_commit=False,

@@ -89,6 +89,12 @@ class GeneratorError(TokenError):
         return "transient" if self.transient else "permanent"
 
 
+class RefreshFailed(TokenError):
+    """A refresh task's provider (or some of a batch's) failed: the task ends failed, so that
+    Flower and the task events show it, naming each provider with its error (sanitized, as
+    stored). An expected outcome, logged without a traceback; retries are already sent."""
+
+
 class CacheUnavailable(TokenError):
     """Redis (the cache, locks, claims and notifications) could not be reached.
 

@@ -16,6 +16,7 @@ from django.db import transaction
 
 from tokens.conf import tokens_settings
 from tokens.constants import BATCH_TASK, DUE_HEADER, REASON_HEADER, REFRESH_TASK, Reason
+from tokens.models import Provider
 
 
 def lane(reason: Reason, *, failing: bool = False) -> dict[str, str]:
@@ -30,23 +31,45 @@ def message_ttl() -> float:
     return max(tokens_settings.seconds("PENDING_TTL"), 1.0)
 
 
+def shown(provider_ids: list[int], names: list[str] | None = None) -> dict[str, str]:
+    """What Flower and the task events show of a refresh's arguments: the ids, and the
+    providers' names (``kwargsrepr``; the task takes ids only), so that a search for a name
+    finds every refresh of it, single or batched. Names are looked up when not given."""
+    if names is None:
+        found = dict(Provider.objects.filter(pk__in=provider_ids).values_list("pk", "name"))
+        names = [found.get(pid, "?") for pid in provider_ids]
+    key = "provider" if len(provider_ids) == 1 and names else "providers"
+    value: object = names[0] if key == "provider" else list(names)
+    return {
+        "argsrepr": repr((list(provider_ids),) if key == "providers" else (provider_ids[0],)),
+        "kwargsrepr": repr({key: value}),
+    }
+
+
 def refresh_send(
     *,
     provider_id: int,
     reason: Reason,
     failing: bool = False,
     after_commit: bool = True,
+    name: str | None = None,
     **options: Any,
 ) -> None:
-    """Send a refresh of ``provider_id`` for ``reason``, once the current transaction commits
-    (``after_commit``: at once outside one) or now. ``options`` go to Celery's send_task."""
+    """Send a refresh of ``provider_id`` (called ``name``) for ``reason``, once the current
+    transaction commits (``after_commit``: at once outside one) or now. ``options`` go to
+    Celery's send_task."""
 
     def send() -> None:
         current_app.send_task(
             REFRESH_TASK,
             args=(provider_id,),
             headers={REASON_HEADER: str(reason)},
-            **{"expires": message_ttl(), **lane(reason, failing=failing), **options},
+            **{
+                "expires": message_ttl(),
+                **lane(reason, failing=failing),
+                **shown([provider_id], None if name is None else [name]),
+                **options,
+            },
         )
 
     if after_commit:
@@ -66,13 +89,19 @@ def retry_send(*, provider_id: int, retry_in: float) -> None:
     )
 
 
-def batch_send(*, provider_ids: list[int], due: float | None, **options: Any) -> None:
-    """Send the scheduled refresh of ``provider_ids`` (one task); ``due``: when the oldest fell
-    due (Unix time), for the lateness metric."""
+def batch_send(
+    *,
+    provider_ids: list[int],
+    due: float | None,
+    names: list[str] | None = None,
+    **options: Any,
+) -> None:
+    """Send the scheduled refresh of ``provider_ids`` (one task; ``names`` theirs, in order);
+    ``due``: when the oldest fell due (Unix time), for the lateness metric."""
     headers = {DUE_HEADER: repr(float(due))} if due is not None else {}
     current_app.send_task(
         BATCH_TASK,
         args=(list(provider_ids),),
         headers=headers,
-        **{**lane(Reason.SCHEDULE), **options},
+        **{**lane(Reason.SCHEDULE), **shown(list(provider_ids), names), **options},
     )

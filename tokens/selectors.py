@@ -78,6 +78,11 @@ def provider_needs_reconnect(*, provider_id: int) -> str | None:
     return None if row is None else row or "reconnect needed"
 
 
+def provider_names(*, provider_ids: list[int]) -> dict[int, str]:
+    """The names of these providers, by id (those that still exist)."""
+    return dict(Provider.objects.filter(pk__in=provider_ids).values_list("pk", "name"))
+
+
 def provider_last_error(*, provider_id: int) -> str:
     """The provider's last refresh error (sanitized when it was stored), or ""."""
     error = (
@@ -124,6 +129,13 @@ def provider_report(*, now: datetime | None = None) -> list[dict[str, object]]:
             }
         )
     return report
+
+
+def schedule_has_due(*, now: datetime | None = None) -> bool:
+    """Whether some enabled provider's scheduled refresh is due (what the dispatcher claims)."""
+    return ProviderState.objects.filter(
+        next_run_at__lte=now or timezone.now(), provider__enabled=True
+    ).exists()
 
 
 def dispatcher_entry() -> PeriodicTask | None:

@@ -6,7 +6,7 @@ import time
 
 from celery import Task, shared_task
 
-from tokens import locks, metrics, queue
+from tokens import locks, metrics, queue, selectors
 from tokens.conf import tokens_settings
 from tokens.constants import (
     BATCH_TASK,
@@ -14,13 +14,32 @@ from tokens.constants import (
     DUE_HEADER,
     REASON_HEADER,
     REFRESH_TASK,
+    Outcome,
     Reason,
 )
-from tokens.exceptions import TIME_LIMITS
+from tokens.exceptions import TIME_LIMITS, RefreshFailed
 from tokens.services import refresh, schedule
+from tokens.services.results import RefreshResult
+
+# What a failed task's message may hold, at most (a batch names each failed provider).
+FAILURE_TEXT_LIMIT = 2000
 
 
-@shared_task(name=REFRESH_TASK, ignore_result=True, bind=True)
+def _failed(results: dict[int, RefreshResult]) -> None:
+    """End the task failed when a refresh failed (Flower's Failed state), naming each."""
+    failures = {
+        pid: r.error or "failed" for pid, r in results.items() if r.outcome == Outcome.FAILED
+    }
+    if not failures:
+        return
+    names = selectors.provider_names(provider_ids=list(failures))
+    text = "; ".join(f"{names.get(pid, pid)}: {error}" for pid, error in failures.items())
+    if len(results) > 1:
+        text = f"{len(failures)} of {len(results)} failed: {text}"
+    raise RefreshFailed(text[:FAILURE_TEXT_LIMIT])
+
+
+@shared_task(name=REFRESH_TASK, ignore_result=True, bind=True, throws=(RefreshFailed,))
 def refresh_token(self: Task, provider_id: int) -> None:
     """Refresh one provider's token; after a transient failure, try again after the backoff."""
     reason = Reason(self.request.get(REASON_HEADER) or Reason.SCHEDULE)
@@ -35,6 +54,7 @@ def refresh_token(self: Task, provider_id: int) -> None:
         raise
     if result.retry_in is not None:
         queue.retry_send(provider_id=provider_id, retry_in=result.retry_in)
+    _failed({provider_id: result})
 
 
 @shared_task(name=DISPATCH_TASK, ignore_result=True)
@@ -43,7 +63,7 @@ def dispatch_due() -> None:
     schedule.due_dispatch()
 
 
-@shared_task(name=BATCH_TASK, ignore_result=True, bind=True)
+@shared_task(name=BATCH_TASK, ignore_result=True, bind=True, throws=(RefreshFailed,))
 def refresh_batch(self: Task, provider_ids: list[int]) -> None:
     """The scheduled refresh of each provider (a failing one never stops the others). What is
     not begun when the batch's time budget runs out (slow endpoints) goes on in a new task, well
@@ -54,6 +74,7 @@ def refresh_batch(self: Task, provider_ids: list[int]) -> None:
     if due is not None:
         metrics.SCHEDULE_LATENESS.observe(max(0.0, time.time() - due))
     left: list[int] = []
+    results: dict[int, RefreshResult] = {}
     try:
         results = refresh.refresh_many(
             provider_ids=provider_ids, reason=Reason.SCHEDULE, deadline=deadline
@@ -74,3 +95,4 @@ def refresh_batch(self: Task, provider_ids: list[int]) -> None:
     finally:
         if left:
             queue.batch_send(provider_ids=left, due=due)
+    _failed(results)

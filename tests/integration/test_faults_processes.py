@@ -80,7 +80,8 @@ def test_two_beats__at_most_one_endpoint_call_per_due_period(
     time.sleep(4 * interval)
     window = time.monotonic() - started
     sent = "Sending due task tokens.dispatch "
-    assert first.log().count(sent) >= 3 and second.log().count(sent) >= 3  # duplicates were sent
+    # Both beats dispatch (each only when something is due: whichever ticks first in a period).
+    assert first.log().count(sent) + second.log().count(sent) >= 3
     assert endpoint.calls - calls <= window / interval + 1
     assert Token.objects.filter(provider=provider).count() >= 3
 

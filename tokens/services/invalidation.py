@@ -88,7 +88,9 @@ def token_reject(*, name: str, token: str) -> bool:
         return False  # a newer token arrived meanwhile
     memory.entry_drop(name, up_to_version=current.version)
     failing = selectors.provider_is_failing(provider_id=provider.pk)
-    queue.refresh_send(provider_id=provider.pk, reason=Reason.MANUAL, failing=failing)
+    queue.refresh_send(
+        provider_id=provider.pk, reason=Reason.MANUAL, failing=failing, name=provider.name
+    )
     return True
 
 

@@ -52,7 +52,7 @@ def provider_saved(*, provider: Provider, previous: Provider | None, created: bo
             provider_invalidate(
                 provider=provider, reset_failures=True, new_refresh_token=new_refresh_token
             )
-        queue.refresh_send(provider_id=provider.pk, reason=Reason.MANUAL)
+        queue.refresh_send(provider_id=provider.pk, reason=Reason.MANUAL, name=provider.name)
     elif not provider.enabled and (previous is None or previous.enabled or changed):
         provider_invalidate(
             provider=provider, reset_failures=changed, new_refresh_token=new_refresh_token

@@ -108,7 +108,7 @@ def refresh_many(
     return results
 
 
-def refresh_for_operator(*, provider_id: int) -> bool:
+def refresh_for_operator(*, provider_id: int, name: str | None = None) -> bool:
     """Send an operator's "Refresh now", at most once per provider per TOKENS_HTTP_TIMEOUT
     (repeated clicks, or a script posting them, cannot send a refresh each); False when one
     was asked for moments ago."""
@@ -118,7 +118,9 @@ def refresh_for_operator(*, provider_id: int) -> bool:
         claimed = True  # without Redis there is no claim; the lock still serializes refreshes
     if claimed:
         failing = selectors.provider_is_failing(provider_id=provider_id)
-        queue.refresh_send(provider_id=provider_id, reason=Reason.MANUAL, failing=failing)
+        queue.refresh_send(
+            provider_id=provider_id, reason=Reason.MANUAL, failing=failing, name=name
+        )
     return claimed
 
 

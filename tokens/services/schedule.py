@@ -157,10 +157,13 @@ def due_dispatch(*, now: datetime | None = None) -> list[list[int]]:
             ProviderState.objects.select_for_update(skip_locked=True, of=("self",))
             .filter(next_run_at__lte=now, provider__enabled=True)
             .order_by("next_run_at", "provider_id")
-            .values_list("provider_id", "next_run_at", "provider__refresh_interval")[:limit]
+            .values_list(
+                "provider_id", "next_run_at", "provider__refresh_interval", "provider__name"
+            )[:limit]
         )
         groups: dict[timedelta, list[tuple[int, datetime]]] = {}
-        for provider_id, due_at, interval in due:
+        names = {provider_id: name for provider_id, _, _, name in due}
+        for provider_id, due_at, interval, _ in due:
             assert due_at is not None  # filtered on next_run_at__lte
             groups.setdefault(interval, []).append((provider_id, due_at))
         batches: list[tuple[list[int], datetime, timedelta]] = []
@@ -187,7 +190,10 @@ def due_dispatch(*, now: datetime | None = None) -> list[list[int]]:
         for ids, oldest_due, interval in batches:
             # A batch that waited a whole interval is dropped: the next run is already claimed.
             queue.batch_send(
-                provider_ids=ids, due=oldest_due.timestamp(), expires=interval.total_seconds()
+                provider_ids=ids,
+                names=[names[pid] for pid in ids],
+                due=oldest_due.timestamp(),
+                expires=interval.total_seconds(),
             )
     metrics.SCHEDULE_DISPATCHED.inc(len(due))
     return [ids for ids, _, _ in batches]
