@@ -136,3 +136,13 @@ def test_readme__every_test_it_cites_exists() -> None:
     for path, name in cited:
         source = (ROOT / path).read_text()
         assert not name or f"def {name}(" in source, f"{path}::{name} is gone"
+
+
+def test_readme_shows_the_integration_snippets_verbatim() -> None:
+    """"Add tokens to your project" shows docs/integrate/ as it is; the foreign-project test
+    applies the same files (tests/integration/test_foreign_project.py)."""
+    readme = (ROOT / "README.md").read_text()
+    snippets = sorted((ROOT / "docs" / "integrate").iterdir())
+    assert len(snippets) == 6
+    for snippet in snippets:
+        assert snippet.read_text().rstrip("\n") in readme, snippet.name

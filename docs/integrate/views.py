@@ -1,4 +1,4 @@
-# --- tokens: a first get_token() in a view --------------------------------------------------
+# --- tokens: a first get_token() in a view, e.g. in mysite/views.py -------------------------
 from django.http import JsonResponse
 
 from tokens import TokenError, get_token
