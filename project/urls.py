@@ -4,6 +4,9 @@ from django.urls import URLPattern, URLResolver, include, path
 
 from project import views
 
+# The example project has no site of its own to view: admin's "View site" link goes.
+admin.site.site_url = None
+
 urlpatterns: list[URLPattern | URLResolver] = [
     path("admin/", admin.site.urls),
     path("tokens/", include("tokens.urls")),

@@ -12,6 +12,7 @@ from django_celery_beat.models import PeriodicTask
 
 from tests.factories import SECRET, make_provider
 from tokens import locks
+from tokens.constants import Reason
 from tokens.generators import Generator
 from tokens.models import Provider, ProviderState
 from tokens.services import refresh
@@ -120,7 +121,7 @@ def test_actions__refresh_now_enable_disable(
             {"action": "refresh_now", "_selected_action": [provider.pk]},
             follow=True,
         )
-    assert "payments: refresh queued." in [str(m) for m in response.context["messages"]]
+    assert "Provider payments: refresh queued." in [str(m) for m in response.context["messages"]]
     assert len(callbacks) == 1
     staff.post("/admin/tokens/provider/", {"action": "disable", "_selected_action": [provider.pk]})
     assert not Provider.objects.get(pk=provider.pk).enabled
@@ -183,7 +184,7 @@ def test_change__refresh_now_button_queues_a_refresh(
     with django_capture_on_commit_callbacks() as callbacks:
         response = staff.post(f"/admin/tokens/provider/{provider.pk}/refresh/", follow=True)
     assert response.redirect_chain[-1][0] == url
-    assert "payments: refresh queued." in [str(m) for m in response.context["messages"]]
+    assert "Provider payments: refresh queued." in [str(m) for m in response.context["messages"]]
     assert len(callbacks) == 1
     assert (
         staff.get(f"/admin/tokens/provider/{provider.pk}/refresh/").status_code == 302
@@ -196,7 +197,7 @@ def test_change__links_to_the_beat_schedule_and_flower(staff: Client, settings) 
     page = staff.get(f"/admin/tokens/provider/{provider.pk}/change/").content.decode()
     task = PeriodicTask.objects.get(name="tokens.dispatch")
     assert f"/admin/django_celery_beat/periodictask/{task.pk}/change/" in page
-    assert "next scheduled refresh" in page.lower()
+    assert "next refresh" in page.lower()
     assert "http://flower.example:5555/tasks" in page
     task.enabled = False
     task.save()
@@ -289,7 +290,7 @@ def test_refresh_permission__refreshes_but_edits_nothing(
     assert choices == ["refresh_now"]
     with django_capture_on_commit_callbacks() as callbacks:
         response = client.post(f"/admin/tokens/provider/{provider.pk}/refresh/", follow=True)
-    assert "payments: refresh queued." in [str(m) for m in response.context["messages"]]
+    assert "Provider payments: refresh queued." in [str(m) for m in response.context["messages"]]
     assert len(callbacks) == 1
     client.post("/admin/tokens/provider/", {"action": "disable", "_selected_action": [provider.pk]})
     assert Provider.objects.get(pk=provider.pk).enabled
@@ -422,3 +423,42 @@ def test_refresh_now__of_a_failing_provider_goes_to_the_scheduled_lane(
             staff.post(f"/admin/tokens/provider/{provider.pk}/refresh/")
     assert broker.llen("tokens.urgent") == 1
     assert broker.llen("tokens.scheduled") == 1
+
+
+def test_status_view__what_the_open_pages_poll(staff: Client, client: Client) -> None:
+    from tokens.services.refresh import token_refresh
+
+    ok = make_provider("ok-one", kind="callable", config={"path": "tests.callables.mapping"})
+    token_refresh(provider_id=ok.pk, reason=Reason.MANUAL)
+    bad = make_provider("bad-one", config={"client_id": "c"})
+    token_refresh(provider_id=bad.pk)
+    body = staff.get(f"/admin/tokens/provider/status/?ids={ok.pk},{bad.pk},x").json()
+    assert body["providers"][str(ok.pk)]["status"] == "ok"
+    assert body["providers"][str(bad.pk)]["status"] == "failing"
+    assert "invalid provider config" in body["providers"][str(bad.pk)]["last_error"]
+    viewer = Client()
+    viewer.force_login(user_with("view_provider"))
+    assert viewer.get(f"/admin/tokens/provider/status/?ids={ok.pk}").status_code == 200
+    nobody = Client()
+    nobody.force_login(User.objects.create_user("nobody", password="pw", is_staff=True))
+    assert nobody.get(f"/admin/tokens/provider/status/?ids={ok.pk}").status_code == 403
+
+
+def test_pages__tidy(staff: Client) -> None:
+    """The add page has no empty state blocks; no "View site" link to nowhere; messages keep
+    the provider's name as get_token() takes it; the interval is explained and warned about."""
+    from tokens.services.refresh import token_refresh
+
+    add = staff.get("/admin/tokens/provider/add/").content.decode()
+    assert "refresh_state-group" not in add and "tokens-group" not in add
+    assert "View site" not in add
+    short = make_provider(
+        "short", kind="callable", config={"path": "tests.callables.short_lived"}, interval=300
+    )
+    token_refresh(provider_id=short.pk, reason=Reason.MANUAL)
+    page = staff.get(f"/admin/tokens/provider/{short.pk}/change/").content.decode()
+    assert "whichever comes first" in page
+    assert "the last token lived 3 s, less than this interval" in page
+    assert "Refresh state: refresh state" not in page
+    response = staff.post(f"/admin/tokens/provider/{short.pk}/refresh/", follow=True)
+    assert "Provider short: refresh queued." in [str(m) for m in response.context["messages"]]

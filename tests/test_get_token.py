@@ -279,3 +279,64 @@ def test_get_token__a_renamed_providers_late_write_is_never_served_under_its_old
     assert get_token("payments") == "NEW-PROVIDER-TOKEN"
     refresh.token_refresh(provider_id=old.pk, reason=Reason.MANUAL)
     assert get_token("payments-old").startswith("payments-old-token-")
+
+
+def test_get_token__stops_handing_a_token_out_a_skew_before_its_expiry(
+    redis_client: redis.Redis,
+) -> None:
+    """A caller never receives a token that dies in its hands: a 3 s token is not handed out
+    in its last 0.3 s (TOKENS_EXPIRY_SKEW's default: the smaller of 5 s and 10 %)."""
+    provider = make_provider(
+        "short", kind="callable", config={"path": "tests.callables.short_lived"}
+    )
+    refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+    token = Token.objects.get(provider=provider)
+    skew = token.expires_at - token.usable_until
+    assert abs(skew.total_seconds() - 0.3) < 0.01
+    assert token.refresh_at is not None and token.refresh_at < token.usable_until
+    now = timezone.now()
+    Token.objects.filter(provider=provider).update(
+        issued_at=now - timedelta(seconds=2.8), expires_at=now + timedelta(seconds=0.2)
+    )
+    redis_client.flushdb()
+    memory.memory.clear()
+    with pytest.raises(TokenUnavailable):
+        get_token("short", timeout=0.2)  # 0.2 s left of a 3 s life: within the skew
+
+
+def test_get_token__a_permanent_error_fails_at_once() -> None:
+    provider = make_provider("api", config={"client_id": "c"})  # invalid config: permanent
+    refresh.token_refresh(provider_id=provider.pk)
+    started = time.monotonic()
+    with pytest.raises(TokenUnavailable, match="last refresh error: permanent"):
+        get_token("api", timeout=5)
+    assert time.monotonic() - started < 0.5
+
+
+def test_get_token__a_far_retry_fails_at_once_and_is_brought_closer(settings) -> None:
+    """Transient failure, next attempt in five minutes: waiting cannot help, so the caller
+    hears at once; readers wanting a token bring the retry within TOKENS_RETRY_MAX_WANTED."""
+    provider = make_provider("api", config={"client_id": "c"})
+    refresh.token_refresh(provider_id=provider.pk)
+    far = timezone.now() + timedelta(minutes=5)
+    ProviderState.objects.filter(provider=provider).update(
+        permanent_error=False, next_attempt_at=far
+    )
+    started = time.monotonic()
+    with pytest.raises(TokenUnavailable, match="not retried yet"):
+        get_token("api", timeout=5)
+    assert time.monotonic() - started < 0.5
+    soon = ProviderState.objects.get(provider=provider).next_attempt_at
+    assert soon is not None and soon <= timezone.now() + timedelta(seconds=4.5)
+
+
+def test_get_token__a_retry_within_a_second_is_waited_for() -> None:
+    provider = make_provider("api", config={"client_id": "c"})
+    refresh.token_refresh(provider_id=provider.pk)
+    ProviderState.objects.filter(provider=provider).update(
+        permanent_error=False, next_attempt_at=timezone.now() + timedelta(seconds=0.5)
+    )
+    started = time.monotonic()
+    with pytest.raises(TokenUnavailable, match="waited"):
+        get_token("api", timeout=0.8)
+    assert time.monotonic() - started >= 0.7

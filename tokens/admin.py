@@ -6,7 +6,7 @@ from typing import Any, cast
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils import timezone
@@ -45,6 +45,7 @@ class TokenInline(_StatusInline, admin.TabularInline):
     max_num = 0
     can_delete = False
     ordering = ["-version"]
+    verbose_name = "token"
     verbose_name_plural = "token history (fingerprints only, never values)"
 
 
@@ -57,14 +58,22 @@ class ProviderStateInline(_StatusInline, admin.StackedInline):
         "consecutive_failures",
         "last_error",
         "last_error_at",
-        "permanent_error",
-        "reconnect_needed",
+        "error_kind",
         "next_attempt_at",
         "last_attempt_at",
-        "next_run_at",
     )
     can_delete = False
-    verbose_name_plural = "status"
+    verbose_name = verbose_name_plural = "refresh state"
+
+    @admin.display(description="last error was")
+    def error_kind(self, obj: ProviderState) -> str:
+        if not obj.consecutive_failures:
+            return "—"
+        if obj.reconnect_needed:
+            return "the grant is gone: connect the account again"
+        if obj.permanent_error:
+            return "permanent: only the schedule or a change tries again"
+        return "transient: retried after the backoff"
 
 
 class StatusFilter(admin.SimpleListFilter):
@@ -84,34 +93,31 @@ class StatusFilter(admin.SimpleListFilter):
 @admin.register(Provider)
 class ProviderAdmin(admin.ModelAdmin):
     form = ProviderForm
-    list_display = [
-        "name",
-        "kind",
-        "enabled",
-        "status_badge",
-        "fingerprint",
-        "expires_in",
-        "last_refresh",
-        "next_refresh",
-        "failures",
-        "last_error",
-    ]
+    # What an operator scans, fitting a 1280 px screen; the rest is on the provider's page.
+    list_display = ["name", "kind", "status_badge", "expires_in", "last_refresh", "last_error"]
     list_filter = ["kind", "enabled", StatusFilter]
     search_fields = ["name"]
     list_select_related = ["refresh_state"]
     actions = ["refresh_now", "enable", "disable"]
     inlines = [ProviderStateInline, TokenInline]
-    readonly_fields = ["status_badge", "next_refresh", "schedule_link", "flower_link"]
+    readonly_fields = [
+        "status_badge",
+        "fingerprint",
+        "next_refresh",
+        "schedule_link",
+        "flower_link",
+    ]
     fieldsets = [
         ("Identity", {"fields": ["name", "kind", "enabled"]}),
         ("Generator", {"fields": ["config", "secret", "refresh_token"]}),
         ("Schedule", {"fields": ["refresh_interval", "next_refresh", "schedule_link"]}),
-        ("Status", {"fields": ["status_badge", "flower_link"]}),
+        ("Status", {"fields": ["status_badge", "fingerprint", "flower_link"]}),
     ]
     change_form_template = "admin/tokens/provider/change_form.html"
 
     class Media:
         css = {"all": ["tokens/admin.css"]}
+        js = ["tokens/admin.js"]
 
     # ------------------------------------------------------------------ columns
 
@@ -125,9 +131,14 @@ class ProviderAdmin(admin.ModelAdmin):
             refreshing=obj.pk in refreshing_ids([obj.pk]),
             now=timezone.now(),
         )
-        # Colours: tokens/static/tokens/admin.css.
+        # Colours: tokens/static/tokens/admin.css; kept current by tokens/static/tokens/admin.js.
         return format_html(
-            '<span class="tokens-status tokens-status-{}">{}</span>', status.value, status.label
+            '<span class="tokens-status tokens-status-{}" data-tokens-provider="{}" '
+            'data-tokens-url="{}">{}</span>',
+            status.value,
+            obj.pk,
+            reverse("admin:tokens_provider_status"),
+            status.label,
         )
 
     @admin.display(description="fingerprint")
@@ -139,38 +150,35 @@ class ProviderAdmin(admin.ModelAdmin):
 
     @admin.display(description="expires in")
     def expires_in(self, obj: Provider) -> str:
-        state = obj.state_or_none
-        if state is None or state.last_refresh_at is None:
-            return "—"
-        if state.expires_at is None:
-            return "never"
-        left = state.expires_at - timezone.now()
-        if left <= timedelta(0):
-            return "expired"
-        return str(timedelta(seconds=int(left.total_seconds())))
+        return format_html(
+            '<span data-tokens-provider="{}" data-tokens-field="expires_in" data-tokens-url="{}">'
+            "{}</span>",
+            obj.pk,
+            reverse("admin:tokens_provider_status"),
+            _expires_in(obj),
+        )
 
     @admin.display(description="last refresh")
     def last_refresh(self, obj: Provider) -> object:
         state = obj.state_or_none
         return state.last_refresh_at if state else None
 
-    @admin.display(description="failures")
-    def failures(self, obj: Provider) -> int:
-        state = obj.state_or_none
-        return state.consecutive_failures if state else 0
-
     @admin.display(description="last error")
     def last_error(self, obj: Provider) -> str:
-        state = obj.state_or_none
-        error = state.last_error if state else ""
-        return error[:80] + ("…" if len(error) > 80 else "")
+        return format_html(
+            '<span data-tokens-provider="{}" data-tokens-field="last_error" data-tokens-url="{}">'
+            "{}</span>",
+            obj.pk,
+            reverse("admin:tokens_provider_status"),
+            _last_error(obj),
+        )
 
-    @admin.display(description="next scheduled refresh")
-    def next_refresh(self, obj: Provider) -> object:
+    @admin.display(description="next refresh")
+    def next_refresh(self, obj: Provider) -> str:
         state = obj.state_or_none
         if not obj.enabled or state is None or state.next_run_at is None:
-            return "—"
-        return state.next_run_at
+            return "—" if obj.kind != "static" else "never (a static token is not refreshed)"
+        return timezone.localtime(state.next_run_at).strftime("%Y-%m-%d %H:%M:%S %Z")
 
     @admin.display(description="beat schedule")
     def schedule_link(self, obj: Provider) -> str:
@@ -228,6 +236,9 @@ class ProviderAdmin(admin.ModelAdmin):
             user.is_active and user.has_perm("tokens.refresh_provider")
         ) or self.has_change_permission(request, obj)
 
+    def get_inlines(self, request: HttpRequest, obj: Provider | None) -> Any:
+        return self.inlines if obj is not None else []  # nothing to show before it exists
+
     def get_fieldsets(self, request: HttpRequest, obj: Provider | None = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)
         if obj is not None and not self.has_change_permission(request, obj):
@@ -280,17 +291,17 @@ class ProviderAdmin(admin.ModelAdmin):
     def _refresh(self, request: HttpRequest, provider: Provider) -> None:
         if not provider.enabled:
             self.message_user(
-                request, f"{provider.name}: disabled, not refreshed.", messages.WARNING
+                request, f"Provider {provider.name}: disabled, not refreshed.", messages.WARNING
             )
             return
         if not refresh.refresh_for_operator(provider_id=provider.pk, name=provider.name):
             self.message_user(
                 request,
-                f"{provider.name}: a refresh was queued moments ago; not queued again.",
+                f"Provider {provider.name}: a refresh was queued moments ago; not queued again.",
                 messages.WARNING,
             )
             return
-        self.message_user(request, f"{provider.name}: refresh queued.", messages.SUCCESS)
+        self.message_user(request, f"Provider {provider.name}: refresh queued.", messages.SUCCESS)
 
     @admin.action(description="Enable", permissions=["change"])
     def enable(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
@@ -324,6 +335,11 @@ class ProviderAdmin(admin.ModelAdmin):
                 self.admin_site.admin_view(self.connect_view),
                 name="tokens_provider_connect",
             ),
+            path(
+                "status/",
+                self.admin_site.admin_view(self.status_view),
+                name="tokens_provider_status",
+            ),
         ]
         return custom + super().get_urls()
 
@@ -335,6 +351,29 @@ class ProviderAdmin(admin.ModelAdmin):
             self._refresh(request, provider)
         return HttpResponseRedirect(reverse("admin:tokens_provider_change", args=[object_id]))
 
+    def status_view(self, request: HttpRequest) -> HttpResponse:
+        """The statuses of the providers ``?ids=`` names (at most 500), for the pages'
+        polling: what the badge, "expires in" and "last error" cells show."""
+        if not self.has_view_or_change_permission(request):
+            raise PermissionDenied
+        raw = request.GET.get("ids", "")
+        ids = [int(part) for part in raw.split(",")[:500] if part.isdigit()]
+        providers = list(Provider.objects.select_related("refresh_state").filter(pk__in=ids))
+        refreshing = refreshing_ids(p.pk for p in providers)
+        now = timezone.now()
+        body = {
+            str(p.pk): {
+                "status": (
+                    status := status_of(p, p.state_or_none, refreshing=p.pk in refreshing, now=now)
+                ).value,
+                "label": status.label,
+                "expires_in": _expires_in(p),
+                "last_error": _last_error(p),
+            }
+            for p in providers
+        }
+        return JsonResponse({"providers": body})
+
     def connect_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
         """Connect (or reconnect) the account: off to the identity provider, back at the
         callback. Connecting replaces the provider's credential: change permission."""
@@ -345,14 +384,17 @@ class ProviderAdmin(admin.ModelAdmin):
         if request.method != "POST":
             return back
         if not connect.connectable(provider):
-            self.message_user(request, f"{provider.name}: not a connected account.", messages.ERROR)
+            self.message_user(
+                request, f"Provider {provider.name}: not a connected account.", messages.ERROR
+            )
             return back
         try:
             provider.full_clean(exclude=["name"])
         except ValidationError as invalid:
             self.message_user(
                 request,
-                f"{provider.name}: fix its config before connecting: {'; '.join(invalid.messages)}",
+                f"Provider {provider.name}: fix its config before connecting: "
+                f"{'; '.join(invalid.messages)}",
                 messages.ERROR,
             )
             return back
@@ -362,3 +404,21 @@ class ProviderAdmin(admin.ModelAdmin):
 def _public(field: Any) -> Any:
     """The field shown in place of ``field`` on a read-only page."""
     return {"secret": "secret_status", "refresh_token": "refresh_token_status"}.get(field, field)
+
+
+def _expires_in(obj: Provider) -> str:
+    state = obj.state_or_none
+    if state is None or state.last_refresh_at is None:
+        return "—"
+    if state.expires_at is None:
+        return "never"
+    left = state.expires_at - timezone.now()
+    if left <= timedelta(0):
+        return "expired"
+    return str(timedelta(seconds=int(left.total_seconds())))
+
+
+def _last_error(obj: Provider) -> str:
+    state = obj.state_or_none
+    error = state.last_error if state and state.consecutive_failures else ""
+    return error[:60] + ("…" if len(error) > 60 else "") if error else "—"

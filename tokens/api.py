@@ -12,17 +12,20 @@ import contextlib
 import logging
 import math
 import time
+from datetime import timedelta
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, connection, connections
+from django.utils import timezone
 
 from tokens import cache, locks, memory, metrics, queue, selectors
 from tokens.cache import CachedToken
 from tokens.conf import tokens_settings
 from tokens.constants import Reason
 from tokens.exceptions import CacheUnavailable, ProviderDisabled, TokenUnavailable, UnknownProvider
-from tokens.services import invalidation
+from tokens.services import invalidation, refresh
+from tokens.status import fails_fast
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +143,9 @@ def _check_arguments(name: object, timeout: object) -> float:
 class _Reader:
     """One get_token() call that missed memory."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, deadline: float = math.inf) -> None:
         self.name = name
+        self.deadline = deadline  # time.monotonic()
         self.provider_id: int | None = None
         self.problems: list[str] = []
 
@@ -175,7 +179,9 @@ class _Reader:
             gone = selectors.provider_needs_reconnect(provider_id=provider.pk)
             if gone is not None:
                 # Nothing will come until a person connects the account again: say so now.
+                metrics.UNAVAILABLE.labels(self.name, "reconnect").inc()
                 raise TokenUnavailable(self.name, f"reconnect needed: {gone}")
+            self._fail_fast(provider.pk)
             self._request_refresh()
             return None
         cached = CachedToken.from_row(token)
@@ -183,6 +189,26 @@ class _Reader:
             cache.entries_put([(self.name, cached)], now=now, publish=False)
         self._remember(cached, now, generation)
         return cached.value, cached.token_type
+
+    def _fail_fast(self, provider_id: int) -> None:
+        """Raise TokenUnavailable now when waiting cannot help (status.fails_fast), unless a
+        refresh runs or an operator just asked for one; bring a far retry closer first."""
+        state = selectors.provider_state(provider_id=provider_id)
+        now = timezone.now()
+        deadline = now + timedelta(seconds=max(0.0, self.deadline - time.monotonic()))
+        if state is None or not fails_fast(state, now=now, deadline=deadline):
+            return
+        try:
+            if locks.refresh_expected(provider_id):
+                return
+        except CacheUnavailable:
+            pass
+        if not state.permanent_error:
+            refresh.retry_sooner(provider_id=provider_id)
+        metrics.UNAVAILABLE.labels(self.name, "failing").inc()
+        raise TokenUnavailable(
+            self.name, f"last refresh error: {state.last_error or 'failed'}; not retried yet"
+        )
 
     def _remember(self, cached: CachedToken, now: float, generation: int) -> None:
         """Keep ``cached`` in this process's memory (the one conversion to a memory entry)."""
@@ -248,7 +274,7 @@ def _get_token_slow(name: Any, timeout: Any) -> tuple[str, str]:
     started = time.monotonic()
     deadline = started + wait
     _listener.ensure_running()
-    reader = _Reader(name)
+    reader = _Reader(name, deadline)
     # Register as a waiter before reading, and read again once subscribed: a token stored
     # between our read and our wait still wakes us.
     waited = False

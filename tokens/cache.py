@@ -66,7 +66,8 @@ class CachedToken:
             version=token.version,
             value=token.value,
             token_type=token.token_type,
-            expires_at=token.expires_at.timestamp() if token.expires_at else None,
+            # Handed out until a skew before its expiry, so it never dies in a caller's hands.
+            expires_at=token.usable_until.timestamp() if token.usable_until else None,
             refresh_at=token.refresh_at.timestamp() if token.refresh_at else None,
         )
 
@@ -150,6 +151,13 @@ def entry_void(name: str, version: int) -> bool:
         script = client().register_script(_SET_IF_NEWER)
         return bool(run_script(script, [([key("tok", name), key("ver", name)], args)])[0])
     return False
+
+
+def failure_notify(name: str) -> None:
+    """Tell the readers of ``name`` waiting for a refresh that it failed (they decide at once
+    whether to keep waiting); nothing is dropped from anybody's memory."""
+    with best_effort(f"announce the failed refresh of {name}"):
+        client().publish(channel(), json.dumps({"n": name, "v": 0, "e": "failed"}))
 
 
 def name_forget(name: str) -> None:

@@ -38,9 +38,14 @@ DEFAULTS: dict[str, Any] = {
     "INVALIDATE_COOLDOWN": 30.0,
     # Fraction of a token's lifetime before its expiry at which it is refreshed (plus jitter).
     "REFRESH_MARGIN": 0.1,
+    # Seconds before its expiry at which a token is no longer handed out (so that it never
+    # dies in a caller's hands); None: the smaller of 5 s and 10 % of its lifetime.
+    "EXPIRY_SKEW": None,
     # Backoff of failed refreshes: base * 2**(failures-1), jittered, capped; seconds.
     "RETRY_BASE": 1.0,
     "RETRY_MAX": 300.0,
+    # The backoff's cap while readers want a token that no longer exists (never under 1 s).
+    "RETRY_MAX_WANTED": 4.0,
     # Where the app keeps its Redis keys (django-redis alias and key prefix).
     "CACHE_ALIAS": "default",
     "REDIS_PREFIX": "tokens",

@@ -123,12 +123,12 @@ def connect_finish(request: HttpRequest) -> Outcome:
     error = request.GET.get("error")
     if error is not None:
         code = error if ERROR_CODE.fullmatch(error) else "(malformed error code)"
-        return Outcome(
-            False, f"{provider.name}: the identity provider answered {code!r}.", provider_id
-        )
+        answered = f"Provider {provider.name}: the identity provider answered {code!r}."
+        return Outcome(False, answered, provider_id)
     code = request.GET.get("code", "")
     if not code or len(code) > 4096:
-        return Outcome(False, f"{provider.name}: the identity provider sent no code.", provider_id)
+        no_code = f"Provider {provider.name}: the identity provider sent no code."
+        return Outcome(False, no_code, provider_id)
     generator = _generator(provider.kind)
     assert isinstance(generator, OAuth2RefreshToken)
     attempted = timezone.now()
@@ -140,7 +140,8 @@ def connect_finish(request: HttpRequest) -> Outcome:
         credentials = [code, _verifier(state), *failure.sent]
         return Outcome(False, _failure_text(provider, failure, credentials), provider_id)
     grant_connect(provider=provider, generated=generated, attempted=attempted)
-    return Outcome(True, f"{provider.name}: connected; its first token is stored.", provider_id)
+    connected = f"Provider {provider.name}: connected; its first token is stored."
+    return Outcome(True, connected, provider_id)
 
 
 def _failure_text(provider: Provider, failure: GeneratorError, sent: list[str]) -> str:
@@ -149,7 +150,7 @@ def _failure_text(provider: Provider, failure: GeneratorError, sent: list[str]) 
     if detail and echoes(detail, credentials):
         detail = WITHHELD
     text = f"{failure}" + (f": {detail}" if detail else "")
-    return f"{provider.name}: connecting failed: {scrub(text, credentials)}"
+    return f"Provider {provider.name}: connecting failed: {scrub(text, credentials)}"
 
 
 def _pending(request: HttpRequest) -> dict[str, Any]:

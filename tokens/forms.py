@@ -23,6 +23,24 @@ def kinds_help() -> str:
     return format_html("A JSON object; its keys depend on the kind:<ul>{}</ul>", items)
 
 
+def interval_help(provider: Provider) -> str:
+    """The interval in the terms the schedule uses it, and a warning when it is longer than
+    the last token lived."""
+    text = (
+        "How often the schedule refreshes the token, e.g. 00:05:00; or earlier: a token that "
+        "expires is always refreshed before it stops being handed out, whichever comes first."
+    )
+    lifetime = provider.last_token_lifetime() if provider.pk else None
+    if lifetime is not None and lifetime < provider.refresh_interval:
+        text += format_html(
+            " <strong>Note: the last token lived {} s, less than this interval: it is refreshed "
+            "every {} s or so, before each token expires.</strong>",
+            f"{round(lifetime.total_seconds(), 1):g}",
+            f"{round(lifetime.total_seconds() * 0.6, 1):g}",
+        )
+    return text
+
+
 class ProviderForm(forms.ModelForm):
     """The secret is write-only: never rendered back. Left blank, the stored one is kept, but
     only while it would go where it went before (same name, same kind, same token endpoint
@@ -79,6 +97,8 @@ class ProviderForm(forms.ModelForm):
         # A view-only page has a form without fields.
         if "config" in self.fields:
             self.fields["config"].help_text = kinds_help()
+        if "refresh_interval" in self.fields:
+            self.fields["refresh_interval"].help_text = interval_help(self.instance)
         if "secret" in self.fields and self.instance.pk and self.instance.secret:
             self.fields["secret"].help_text = "A secret is stored. " + (
                 self.fields["secret"].help_text or ""

@@ -129,6 +129,13 @@ def pending_hold_for_locks(provider_ids: list[int]) -> None:
         )
 
 
+def refresh_expected(provider_id: int) -> bool:
+    """Whether a refresh of ``provider_id`` runs now (its lock) or an operator just asked for
+    one ("Refresh now"): readers then wait for it rather than fail at once."""
+    with translated():
+        return bool(client().exists(key("lock", provider_id), key("manual", provider_id)))
+
+
 def claim(kind: str, provider_id: int, seconds: float) -> bool:
     """Claim ``kind`` ("inval", "manual") for ``provider_id`` for ``seconds``; False if taken.
     CacheUnavailable when Redis is unreachable."""

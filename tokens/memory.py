@@ -93,6 +93,9 @@ class Listener:
         except (ValueError, KeyError, TypeError):
             logger.warning("tokens: ignoring a malformed notification")
             return
+        if event == "failed":  # news for waiters only: what memory holds is still good
+            self._wake(name)
+            return
         self._generations[name] = self._generations.get(name, 0) + 1
         entry = memory.get(name)
         if entry is not None and (event != "stored" or entry[2] < version):

@@ -47,6 +47,12 @@ WAITS = Counter(
     ["provider"],
     registry=REGISTRY,
 )
+UNAVAILABLE = Counter(
+    "tokens_get_token_unavailable_total",
+    "get_token() calls that raised TokenUnavailable at once, by why (failing, reconnect).",
+    ["provider", "reason"],
+    registry=REGISTRY,
+)
 TIMEOUTS = Counter(
     "tokens_get_token_timeouts_total",
     "get_token() calls that timed out (TokenUnavailable).",

@@ -15,6 +15,30 @@ from tokens.conf import tokens_settings
 from tokens.fields import EncryptedTextField, RotatingSecretField
 from tokens.generators import GeneratedToken, get_generator, kind_choices, registry
 
+
+def expiry_skew(lifetime: timedelta) -> timedelta:
+    """How long before its expiry a token of ``lifetime`` stops being handed out:
+    TOKENS_EXPIRY_SKEW, by default the smaller of 5 s and 10 % of the lifetime (never more
+    than half of it)."""
+    configured = tokens_settings.EXPIRY_SKEW
+    skew = (
+        min(timedelta(seconds=5), lifetime * 0.1)
+        if configured is None
+        else tokens_settings.timedelta("EXPIRY_SKEW")
+    )
+    return max(timedelta(0), min(skew, lifetime / 2))
+
+
+def refresh_lead(lifetime: timedelta) -> timedelta:
+    """How long before its expiry the schedule refreshes a token of ``lifetime``: its refresh
+    margin (with the most jitter readers use), its expiry skew and one dispatch period, so the
+    new token is stored before the old one stops being handed out; at most 60 % of the
+    lifetime."""
+    margin = lifetime * tokens_settings.REFRESH_MARGIN * 1.5
+    lead = margin + expiry_skew(lifetime) + tokens_settings.timedelta("DISPATCH_EVERY")
+    return min(lead, lifetime * 0.6)
+
+
 # The database refuses intervals below this floor; TOKENS_MIN_REFRESH_INTERVAL (a setting, so
 # not expressible in a migration) is enforced above it by validation.
 INTERVAL_FLOOR = timedelta(seconds=1)
@@ -126,6 +150,13 @@ class Provider(models.Model):
             return self.refresh_state
         except ProviderState.DoesNotExist:
             return None
+
+    def last_token_lifetime(self) -> timedelta | None:
+        """How long its current token lives (None: none, or it does not expire)."""
+        state = self.state_or_none
+        if state is None or state.expires_at is None or state.last_refresh_at is None:
+            return None
+        return state.expires_at - state.last_refresh_at
 
     def secret_destination(self) -> object:
         """Where this provider sends its secret: its kind and, per kind, the endpoint."""
@@ -270,11 +301,17 @@ class ProviderState(models.Model):
         now = now or timezone.now()
         if not self.current_version or self.last_refresh_at is None:
             return False
-        if self.expires_at is not None:
-            lifetime = self.expires_at - self.last_refresh_at
-            if now >= self.expires_at - lifetime * tokens_settings.REFRESH_MARGIN:
-                return False
+        due = self.next_refresh_for_expiry()
+        if due is not None and now >= due:
+            return False
         return now - self.last_refresh_at < refresh_interval / 2
+
+    def next_refresh_for_expiry(self) -> datetime | None:
+        """When the schedule must refresh the current token at the latest (see refresh_lead);
+        None when it does not expire."""
+        if self.expires_at is None or self.last_refresh_at is None:
+            return None
+        return self.expires_at - refresh_lead(self.expires_at - self.last_refresh_at)
 
 
 class Token(models.Model):
@@ -320,18 +357,25 @@ class Token(models.Model):
     def __str__(self) -> str:
         return f"{self.provider_id} v{self.version} {self.fingerprint}"
 
+    @property
+    def usable_until(self) -> datetime | None:
+        """When it stops being handed out: its expiry minus the skew (None: never)."""
+        if self.expires_at is None:
+            return None
+        return self.expires_at - expiry_skew(self.expires_at - self.issued_at)
+
     @classmethod
     def from_generated(
         cls, *, provider_id: int, version: int, generated: GeneratedToken, issued_at: datetime
     ) -> Token:
         """The one conversion from a generator's token to a stored row: its fingerprint, and
-        when readers should ask for the next one (expiry minus a jittered share of the
-        lifetime, so that many processes do not all ask at once)."""
+        when readers should ask for the next one (before it stops being handed out, by a
+        jittered share of the lifetime, so that many processes do not all ask at once)."""
         refresh_at = None
         if generated.expires_at is not None:
             lifetime = generated.expires_at - issued_at
             share = tokens_settings.REFRESH_MARGIN * random.uniform(1.0, 1.5)  # noqa: S311
-            refresh_at = generated.expires_at - lifetime * share
+            refresh_at = generated.expires_at - expiry_skew(lifetime) - lifetime * share
         return cls(
             provider_id=provider_id,
             version=version,

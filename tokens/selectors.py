@@ -37,7 +37,8 @@ def current_token(*, provider: Provider) -> Token | None:
         "current_version", flat=True
     )
     token = Token.objects.filter(provider=provider, version__in=current[:1]).first()
-    if token is None or (token.expires_at is not None and token.expires_at <= timezone.now()):
+    usable_until = token.usable_until if token is not None else None
+    if token is None or (usable_until is not None and usable_until <= timezone.now()):
         return None
     return token
 
@@ -76,6 +77,11 @@ def provider_needs_reconnect(*, provider_id: int) -> str | None:
         .first()
     )
     return None if row is None else row or "reconnect needed"
+
+
+def provider_state(*, provider_id: int) -> ProviderState | None:
+    """The provider's refresh state (None when it has none yet)."""
+    return ProviderState.objects.filter(provider_id=provider_id).first()
 
 
 def provider_names(*, provider_ids: list[int]) -> dict[int, str]:

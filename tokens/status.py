@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db.models import Q, QuerySet
 
@@ -85,6 +85,17 @@ def with_status(
     if status == Status.NEVER:
         return enabled.filter(_NEVER_Q).exclude(_FAILING_Q).exclude(_valid_q(now))
     return enabled.exclude(_FAILING_Q).exclude(_valid_q(now)).exclude(_NEVER_Q)
+
+
+def fails_fast(state: ProviderState | None, *, now: datetime, deadline: datetime) -> bool:
+    """Whether a reader with no valid token should fail at once rather than wait: the last
+    refresh failed and nothing will change before ``deadline`` (a permanent error, or a retry
+    more than a second away; a retry within a second is worth waiting for)."""
+    if state is None or not state.consecutive_failures:
+        return False
+    if state.permanent_error or state.next_attempt_at is None:
+        return True
+    return state.next_attempt_at > min(deadline, now + timedelta(seconds=1))
 
 
 def refreshing_ids(provider_ids: Iterable[int]) -> set[int]:

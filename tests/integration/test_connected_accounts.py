@@ -97,7 +97,7 @@ def test_connect__authorization_code_with_pkce_stores_the_grant(
     assert "code_verifier" not in authorize
 
     messages = callback(admin_client, idp.approve(authorize))
-    assert messages == ["crm: connected; its first token is stored."]
+    assert messages == ["Provider crm: connected; its first token is stored."]
     exchange = idp.token_requests()[-1]
     assert exchange["grant_type"] == "authorization_code" and exchange["code_verifier"]
     assert exchange["status"] == 200 and exchange["client_auth"] == "client_secret_basic"
@@ -135,7 +135,7 @@ def test_connect__state_is_single_use_and_bound_to_the_session(
     ]
     assert not stored_refresh_token(provider)
 
-    assert callback(admin_client, approved) == ["crm: connected; its first token is stored."]
+    assert callback(admin_client, approved) == ["Provider crm: connected; its first token is stored."]
     assert callback(admin_client, approved) == [
         "Connect failed: unknown or already used state; start again."
     ]
@@ -148,7 +148,7 @@ def test_connect__a_refusal_at_the_idp_stores_nothing(admin_client: Client, idp:
     authorize = begin(admin_client, idp, provider)
     the_state = parse_qs(urlsplit(authorize).query)["state"][0]
     messages = callback(admin_client, f"{CALLBACK}?error=access_denied&state={the_state}")
-    assert messages == ["crm: the identity provider answered 'access_denied'."]
+    assert messages == ["Provider crm: the identity provider answered 'access_denied'."]
     assert not stored_refresh_token(provider)
 
 
@@ -197,7 +197,7 @@ def test_reconnect__after_the_grant_is_revoked(admin_client: Client, idp: IdP) -
     result = refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
     assert result.error and "reconnect needed" in result.error
     assert state(provider).reconnect_needed
-    assert connect(admin_client, idp, provider) == ["crm: connected; its first token is stored."]
+    assert connect(admin_client, idp, provider) == ["Provider crm: connected; its first token is stored."]
     assert not state(provider).reconnect_needed
 
 
@@ -220,7 +220,7 @@ def test_rotation_under_load__every_refresh_token_used_once(
     worker_factory(hostname="rotation", concurrency=4)
     provider = add_provider(fast_idp)
     assert connect(admin_client, fast_idp, provider) == [
-        "crm: connected; its first token is stored."
+        "Provider crm: connected; its first token is stored."
     ]
     client = redis.Redis.from_url(settings.REDIS_URL)
     callers = [

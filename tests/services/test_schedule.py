@@ -196,7 +196,12 @@ def test_sync_token_schedules__schedules_bulk_created_providers_spread_over_the_
     )
     providers = Provider.objects.bulk_create(  # no signals, no state, no schedule
         [
-            Provider(name=f"bulk-{i}", kind="static", secret="x", refresh_interval=timedelta(60))
+            Provider(
+                name=f"bulk-{i}",
+                kind="callable",
+                config={"path": "tests.callables.counted"},
+                refresh_interval=timedelta(60),
+            )
             for i in range(100)
         ]
     )
@@ -215,3 +220,31 @@ def test_sync_token_schedules__schedules_bulk_created_providers_spread_over_the_
     out = StringIO()
     call_command("sync_token_schedules", stdout=out)
     assert "0 created, 0 updated, 100 unchanged" in out.getvalue()
+
+
+def test_schedule__a_token_shorter_than_the_interval_is_refreshed_before_it_lapses() -> None:
+    """Interval 5 minutes, token 3 s: the next scheduled refresh is before the token stops
+    being handed out (its expiry minus the skew), not five minutes on."""
+    from tests.factories import make_provider
+    from tokens.models import Token
+
+    provider = make_provider(
+        "short", kind="callable", config={"path": "tests.callables.short_lived"}, interval=300
+    )
+    refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+    token = Token.objects.get(provider=provider)
+    due = next_run(provider)
+    assert token.usable_until is not None and due < token.usable_until
+    assert due > token.issued_at  # not at once: a refresh per dispatch would be a storm
+    # And the refresh it sends then is not skipped as "fresh".
+    assert not state(provider).token_is_fresh(provider.refresh_interval, due)
+
+
+def test_schedule__a_static_provider_is_never_scheduled() -> None:
+    from tests.factories import make_provider
+
+    provider = make_provider("fixed", kind="static", secret="a-static-token", interval=5)
+    assert next_run(provider) is None
+    assert schedule.due_dispatch(now=timezone.now() + timedelta(days=1)) == []
+    call_command("sync_token_schedules", stdout=StringIO())
+    assert next_run(provider) is None

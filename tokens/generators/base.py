@@ -59,6 +59,8 @@ class Generator:
     # Whether the kind keeps a refresh token (Provider.refresh_token) that its issuer rotates:
     # such a credential is never used without the fleet-wide lock.
     uses_refresh_token: ClassVar[bool] = False
+    # Whether the schedule refreshes it (a static token never changes: no schedule at all).
+    scheduled: ClassVar[bool] = True
     help_text: ClassVar[str] = ""
     example_config: ClassVar[dict[str, Any]] = {}
 

@@ -21,6 +21,7 @@ class StaticGenerator(Generator):
     kind = "static"
     label = "Static token"
     secret_required = True
+    scheduled = False
     help_text = "No config keys. The provider's secret is the token; it does not expire."
 
     def check_config(self, config: Mapping[str, Any], secret: str, errors: ConfigErrors) -> None:

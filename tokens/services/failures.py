@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from django.db.models import F
 from django.utils import timezone
 
-from tokens import metrics, selectors
+from tokens import cache, metrics, selectors
 from tokens.conf import tokens_settings
 from tokens.constants import Outcome
 from tokens.exceptions import GeneratorError
@@ -22,17 +22,23 @@ from tokens.generators import registry
 from tokens.models import Provider, ProviderState
 from tokens.sanitize import WITHHELD, echoes, scrub
 from tokens.services.results import RefreshResult
+from tokens.status import has_valid_token
 
 logger = logging.getLogger("tokens.refresh")
 
 
-def retry_delay(*, failures: int, retry_after: float | None = None) -> float:
-    """Exponential backoff with full jitter in its upper half, capped by TOKENS_RETRY_MAX."""
-    cap = tokens_settings.seconds("RETRY_MAX")
+def retry_delay(*, failures: int, retry_after: float | None = None, wanted: bool = False) -> float:
+    """Exponential backoff with full jitter in its upper half, capped by TOKENS_RETRY_MAX; or,
+    while readers want a token that no longer exists (``wanted``), by TOKENS_RETRY_MAX_WANTED
+    and never under a second (recovery within seconds of the endpoint healing, at most one
+    request a second). ``Retry-After`` is honoured up to the cap."""
+    cap = tokens_settings.seconds("RETRY_MAX_WANTED" if wanted else "RETRY_MAX")
     base = tokens_settings.seconds("RETRY_BASE")
     delay = min(cap, base * 2 ** max(0, failures - 1)) * random.uniform(0.5, 1.0)  # noqa: S311
+    if wanted:
+        delay = max(delay, 1.0)
     if retry_after is not None:
-        delay = max(delay, min(retry_after, cap))
+        delay = max(delay, min(retry_after, tokens_settings.seconds("RETRY_MAX")))
     return delay
 
 
@@ -63,7 +69,10 @@ def failure_record(
     message = scrub(f"{label}: {error}" + (f": {detail}" if detail else ""), secrets)
     failures = (state.consecutive_failures if state else 0) + 1
     if error.transient:
-        retry_in: float | None = retry_delay(failures=failures, retry_after=error.retry_after)
+        wanted = not has_valid_token(state, now)
+        retry_in: float | None = retry_delay(
+            failures=failures, retry_after=error.retry_after, wanted=wanted
+        )
         next_attempt = now + timedelta(seconds=retry_in or 0)
     else:
         # Permanent: no retries; the next scheduled run (or a config change) tries again.
@@ -78,6 +87,7 @@ def failure_record(
         permanent_error=not error.transient,
         reconnect_needed=error.reconnect,
     )
+    cache.failure_notify(provider.name)
     logger.warning(
         "refresh failed provider=%s version=%s error_class=%s failures=%s duration_ms=%d "
         "retry_in=%s outcome=failed error=%s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 
 from django.utils import timezone
 
@@ -106,6 +107,24 @@ def refresh_many(
             locks.locks_release(held)
     _settle_pending(results)
     return results
+
+
+def retry_sooner(*, provider_id: int) -> None:
+    """Readers want a token that no longer exists: bring a far retry of a transient failure
+    forward to within TOKENS_RETRY_MAX_WANTED (once per that period, fleet-wide), so the token
+    is back within seconds of the endpoint healing."""
+    cap = tokens_settings.seconds("RETRY_MAX_WANTED")
+    try:
+        if not locks.claim("soon", provider_id, cap):
+            return
+    except CacheUnavailable:
+        return
+    soon = timezone.now() + timedelta(seconds=cap)
+    moved = ProviderState.objects.filter(
+        provider_id=provider_id, permanent_error=False, next_attempt_at__gt=soon
+    ).update(next_attempt_at=soon)
+    if moved:
+        queue.retry_send(provider_id=provider_id, retry_in=cap)
 
 
 def refresh_for_operator(*, provider_id: int, name: str | None = None) -> bool:

@@ -21,6 +21,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from tokens import metrics, queue
 from tokens.conf import tokens_settings
 from tokens.constants import DISPATCH_ENTRY, DISPATCH_TASK, LEGACY_ENTRY_PREFIX
+from tokens.generators import registry
 from tokens.models import Provider, ProviderState
 
 
@@ -92,6 +93,9 @@ def next_run_sync(
     interval = provider.refresh_interval
     ProviderState.objects.ensure([provider.pk])
     states = ProviderState.objects.filter(provider_id=provider.pk)
+    if not _scheduled(provider.kind):
+        states.update(next_run_at=None)  # a static token: nothing to refresh, ever
+        return
     next_run_at = states.values_list("next_run_at", flat=True).first()
     if next_run_at is None:
         states.update(next_run_at=now + (interval if created else interval * _phase(provider.pk)))
@@ -121,8 +125,12 @@ def next_runs_sync_all() -> dict[str, list[str]]:
         list(Provider.objects.filter(refresh_state__isnull=True).values_list("pk", flat=True))
     )
     now = timezone.now()
+    never = [kind for kind, generator in registry().items() if not generator.scheduled]
+    ProviderState.objects.filter(provider__kind__in=never).update(next_run_at=None)
     unscheduled = list(
-        ProviderState.objects.filter(next_run_at__isnull=True).select_related("provider")
+        ProviderState.objects.filter(next_run_at__isnull=True)
+        .exclude(provider__kind__in=never)
+        .select_related("provider")
     )
     for state in unscheduled:
         state.next_run_at = now + state.provider.refresh_interval * _phase(state.provider_id)
@@ -197,3 +205,8 @@ def due_dispatch(*, now: datetime | None = None) -> list[list[int]]:
             )
     metrics.SCHEDULE_DISPATCHED.inc(len(due))
     return [ids for ids, _, _ in batches]
+
+
+def _scheduled(kind: str) -> bool:
+    generator = registry().get(kind)
+    return generator is None or generator.scheduled

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from tokens.conf import tokens_settings
 from tokens.generators import GeneratedToken, registry
-from tokens.models import Provider, ProviderState, Token
+from tokens.models import Provider, ProviderState, Token, refresh_lead
 
 logger = logging.getLogger("tokens.refresh")
 
@@ -85,6 +85,13 @@ def tokens_store_many(
             if not updated:
                 results.append(None)
                 continue
+            if generated.expires_at is not None:
+                # The schedule refreshes it before it stops being handed out, whatever the
+                # interval (an interval longer than a token's life must not let it lapse).
+                due = generated.expires_at - refresh_lead(generated.expires_at - now)
+                ProviderState.objects.filter(provider_id=provider.pk, next_run_at__gt=due).update(
+                    next_run_at=due
+                )
             state = provider.state_or_none
             if state is not None and token.fingerprint == state.fingerprint:
                 # The issuer handed back the token we had: refreshing earlier gains nothing.
