@@ -135,7 +135,9 @@ def test_connect__state_is_single_use_and_bound_to_the_session(
     ]
     assert not stored_refresh_token(provider)
 
-    assert callback(admin_client, approved) == ["Provider crm: connected; its first token is stored."]
+    assert callback(admin_client, approved) == [
+        "Provider crm: connected; its first token is stored."
+    ]
     assert callback(admin_client, approved) == [
         "Connect failed: unknown or already used state; start again."
     ]
@@ -197,7 +199,9 @@ def test_reconnect__after_the_grant_is_revoked(admin_client: Client, idp: IdP) -
     result = refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
     assert result.error and "reconnect needed" in result.error
     assert state(provider).reconnect_needed
-    assert connect(admin_client, idp, provider) == ["Provider crm: connected; its first token is stored."]
+    assert connect(admin_client, idp, provider) == [
+        "Provider crm: connected; its first token is stored."
+    ]
     assert not state(provider).reconnect_needed
 
 

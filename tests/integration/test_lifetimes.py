@@ -58,7 +58,9 @@ def test_permanent_error__get_token_fails_at_once(worker: Process, httpserver: H
     make_provider("locked", config=oauth2_config(endpoint.url))
     wait_for(lambda: endpoint.calls >= 1, 10, message="the failing first attempt")
     wait_for(
-        lambda: ProviderState.objects.filter(provider__name="locked", permanent_error=True).exists(),
+        lambda: ProviderState.objects.filter(
+            provider__name="locked", permanent_error=True
+        ).exists(),
         10,
         message="the permanent error to be recorded",
     )
