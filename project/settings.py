@@ -159,6 +159,11 @@ TOKENS_HTTP_MAX_BODY = env.int("TOKENS_HTTP_MAX_BODY", default=1024 * 1024)
 # Longer than CELERY_TASK_TIME_LIMIT, well below the broker's visibility timeout.
 TOKENS_LOCK_TTL = env.float("TOKENS_LOCK_TTL", default=CELERY_TASK_TIME_LIMIT + 30)
 TOKENS_RETRY_MAX = env.float("TOKENS_RETRY_MAX", default=300.0)
+TOKENS_RETRY_MAX_WANTED = env.float("TOKENS_RETRY_MAX_WANTED", default=4.0)
+# Unset: the smaller of 5 s and 10 % of a token's lifetime.
+TOKENS_EXPIRY_SKEW = (
+    env.float("TOKENS_EXPIRY_SKEW") if env.str("TOKENS_EXPIRY_SKEW", default="") else None
+)
 TOKENS_READER_COOLDOWN = env.float("TOKENS_READER_COOLDOWN", default=1.0)
 TOKENS_INVALIDATE_COOLDOWN = env.float("TOKENS_INVALIDATE_COOLDOWN", default=30.0)
 # Beat's one entry dispatches due refreshes this often, in batches of this many providers, each
