@@ -330,11 +330,11 @@ def test_get_token__a_far_retry_fails_at_once_and_is_brought_closer(settings) ->
     assert soon is not None and soon <= timezone.now() + timedelta(seconds=4.5)
 
 
-def test_get_token__a_retry_within_a_second_is_waited_for() -> None:
+def test_get_token__a_retry_within_half_a_second_is_waited_for() -> None:
     provider = make_provider("api", config={"client_id": "c"})
     refresh.token_refresh(provider_id=provider.pk)
     ProviderState.objects.filter(provider=provider).update(
-        permanent_error=False, next_attempt_at=timezone.now() + timedelta(seconds=0.5)
+        permanent_error=False, next_attempt_at=timezone.now() + timedelta(seconds=0.3)
     )
     started = time.monotonic()
     with pytest.raises(TokenUnavailable, match="waited"):
