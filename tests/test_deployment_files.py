@@ -139,7 +139,7 @@ def test_readme__every_test_it_cites_exists() -> None:
 
 
 def test_readme_shows_the_integration_snippets_verbatim() -> None:
-    """"Add tokens to your project" shows docs/integrate/ as it is; the foreign-project test
+    """ "Add tokens to your project" shows docs/integrate/ as it is; the foreign-project test
     applies the same files (tests/integration/test_foreign_project.py)."""
     readme = (ROOT / "README.md").read_text()
     snippets = sorted((ROOT / "docs" / "integrate").iterdir())
