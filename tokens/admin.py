@@ -159,9 +159,14 @@ class ProviderAdmin(admin.ModelAdmin):
         )
 
     @admin.display(description="last refresh")
-    def last_refresh(self, obj: Provider) -> object:
-        state = obj.state_or_none
-        return state.last_refresh_at if state else None
+    def last_refresh(self, obj: Provider) -> str:
+        return format_html(
+            '<span data-tokens-provider="{}" data-tokens-field="last_refresh" '
+            'data-tokens-url="{}">{}</span>',
+            obj.pk,
+            reverse("admin:tokens_provider_status"),
+            _last_refresh(obj),
+        )
 
     @admin.display(description="last error")
     def last_error(self, obj: Provider) -> str:
@@ -241,6 +246,15 @@ class ProviderAdmin(admin.ModelAdmin):
 
     def get_fieldsets(self, request: HttpRequest, obj: Provider | None = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)
+        if obj is not None and not connect.connectable(obj):
+            # Only connected accounts keep a refresh token.
+            fieldsets = [
+                (
+                    title,
+                    {**options, "fields": [f for f in options["fields"] if f != "refresh_token"]},
+                )
+                for title, options in fieldsets
+            ]
         if obj is not None and not self.has_change_permission(request, obj):
             # A read-only page would render every field's value, the secret's included.
             return [
@@ -368,6 +382,7 @@ class ProviderAdmin(admin.ModelAdmin):
                 ).value,
                 "label": status.label,
                 "expires_in": _expires_in(p),
+                "last_refresh": _last_refresh(p),
                 "last_error": _last_error(p),
             }
             for p in providers
@@ -422,3 +437,10 @@ def _last_error(obj: Provider) -> str:
     state = obj.state_or_none
     error = state.last_error if state and state.consecutive_failures else ""
     return error[:60] + ("…" if len(error) > 60 else "") if error else "—"
+
+
+def _last_refresh(obj: Provider) -> str:
+    state = obj.state_or_none
+    if state is None or state.last_refresh_at is None:
+        return "—"
+    return timezone.localtime(state.last_refresh_at).strftime("%Y-%m-%d %H:%M:%S")

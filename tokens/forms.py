@@ -31,7 +31,8 @@ def interval_help(provider: Provider) -> str:
         "expires is always refreshed before it stops being handed out, whichever comes first."
     )
     lifetime = provider.last_token_lifetime() if provider.pk else None
-    if lifetime is not None and lifetime < provider.refresh_interval:
+    # (Measured from when it was stored: a token as long as the interval is no warning.)
+    if lifetime is not None and lifetime * 1.05 < provider.refresh_interval:
         text += format_html(
             " <strong>Note: the last token lived {} s, less than this interval: it is refreshed "
             "every {} s or so, before each token expires.</strong>",

@@ -108,6 +108,7 @@ def test_browser__operator_adds_a_provider_and_watches_it(
     assert page.locator(".tokens-status-ok").count() == 0
     page.wait_for_selector(".tokens-status-ok", timeout=20000)
     assert page.inner_text("td.field-status_badge") == "ok"
+    assert page.inner_text("td.field-last_refresh") != "—"  # the same poll, no reload
     endpoint.delay = 0.0
     # Every column an operator scans is visible at 1280 x 800, with no sideways scrolling.
     columns = ["name", "kind", "status_badge", "expires_in", "last_refresh", "last_error"]
