@@ -137,6 +137,7 @@ def dev_env() -> dict[str, str]:
 
 def run() -> int:
     env = dev_env()
+    env.setdefault("DEV_QUIET_TASK_LOGS", "true")
     web_port = env.setdefault("DEV_WEB_PORT", "8000")
     flower_port = env.setdefault("DEV_FLOWER_PORT", "5555")
     env.setdefault("TOKENS_FLOWER_URL", f"http://127.0.0.1:{flower_port}")

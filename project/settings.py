@@ -82,6 +82,13 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("DJANGO_LOG_LEVEL", default="INFO")},
 }
+# The dev run's console: about one line per refresh (tokens' own "refresh stored ..."), not
+# Celery's received/succeeded pair and the HTTP client's request line besides.
+if env.bool("DEV_QUIET_TASK_LOGS", default=False):
+    LOGGING["loggers"] = {
+        name: {"level": "WARNING"}
+        for name in ("celery.app.trace", "celery.worker.strategy", "httpx", "httpcore")
+    }
 
 # ---------------------------------------------------------------------------- Database
 

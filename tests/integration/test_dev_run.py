@@ -276,6 +276,10 @@ def test_manage_beside_the_run__and_the_admin_password_from_the_environment(
         assert found, summary
         assert int(found.group(1)) > by_the_worker
         assert shown == "pay-tok-1"
+        # The console: one line for that refresh, not Celery's pair besides.
+        console = log_path.read_text()
+        assert "refresh stored provider=payments" in console
+        assert "Task tokens.refresh_token[" not in console
 
         ctrl_c(stack)
     assert "dev: stopped" in log_path.read_text()
