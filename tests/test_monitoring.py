@@ -176,7 +176,10 @@ def test_metrics__refreshes_failures_expiry_waits_and_timeouts(staff: Client) ->
     bad = make_provider("bad", config={"client_id": "c"})
     token_refresh(provider_id=bad.pk)
     with pytest.raises(TokenUnavailable):
-        get_token("bad", timeout=0.1)
+        get_token("bad", timeout=0.1)  # failing: at once
+    make_provider("slow", config={"client_id": "c"})  # no refresh ran: the caller waits
+    with pytest.raises(TokenUnavailable):
+        get_token("slow", timeout=0.1)
     text = staff.get("/tokens/metrics").content.decode()
     assert 'tokens_refreshes_total{outcome="stored",provider="good"}' in text
     assert 'tokens_refresh_failures_total{error_class="permanent",provider="bad"}' in text
@@ -184,8 +187,9 @@ def test_metrics__refreshes_failures_expiry_waits_and_timeouts(staff: Client) ->
     assert 'tokens_token_expiry_seconds{provider="good"}' in text
     assert 'tokens_token_valid{provider="bad"} 0.0' in text
     assert 'tokens_consecutive_failures{provider="bad"} 1.0' in text
-    assert 'tokens_get_token_waits_total{provider="bad"}' in text
-    assert 'tokens_get_token_timeouts_total{provider="bad"}' in text
+    assert 'tokens_get_token_unavailable_total{provider="bad",reason="failing"} 1.0' in text
+    assert 'tokens_get_token_waits_total{provider="slow"}' in text
+    assert 'tokens_get_token_timeouts_total{provider="slow"}' in text
     assert "mapped" not in text
 
 
