@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -217,9 +217,47 @@ def run_script(code: str, *, timeout: float = 60.0, **env: str) -> subprocess.Co
     )
 
 
+def broker_transport() -> str:
+    """The kind of the test broker's kombu transport: "redis", "amqp" (RabbitMQ), ..."""
+    from project.celery import app
+
+    with app.connection_for_read() as broker:  # no connecting: the URL tells
+        return str(broker.transport.driver_type)
+
+
+def broker_count(queue: str) -> int:
+    """How many messages wait in ``queue`` on the test broker, on any kombu transport (0 when
+    the queue was never declared). Messages a consumer holds unacknowledged are not counted."""
+    from project.celery import app
+
+    with app.connection_for_read() as broker:
+        channel = broker.channel()
+        try:
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+        except broker.channel_errors:  # AMQP: 404 NOT_FOUND (and the channel is closed)
+            return 0
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+
 def broker_messages(queue: str) -> list[dict[str, Any]]:
-    """The messages waiting in ``queue`` on the test broker (Redis), oldest first: each a dict
-    with the task's ``args`` and the message's ``headers``."""
+    """The messages waiting in ``queue`` on the test broker, oldest first, left where they are:
+    each a dict with the task's ``args`` and the message's ``headers``.
+
+    On Redis it reads the list; on other transports (RabbitMQ) it takes every message without
+    acknowledging it, then rejects each with requeue, in order: RabbitMQ puts a requeued message
+    back in its place, so the queue is left as it was (but for the messages' redelivered flag).
+    Call it while no worker consumes ``queue``."""
+    if broker_transport() == "redis":
+        return [
+            {"args": body[0], "headers": headers}
+            for headers, body, _raw in _redis_broker_messages(queue)
+        ]
+    return [{"args": body[0], "headers": headers} for headers, body, _raw in _peek(queue)]
+
+
+def _redis_broker_messages(queue: str) -> list[tuple[dict[str, Any], Any, str]]:
     import base64
     import json
 
@@ -227,9 +265,79 @@ def broker_messages(queue: str) -> list[dict[str, Any]]:
     from django.conf import settings
 
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    messages = []
-    for raw in reversed(client.lrange(queue, 0, -1)):  # kombu pushes on the left
-        message = json.loads(raw)
-        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-        messages.append({"args": args, "headers": message["headers"]})
-    return messages
+    try:
+        messages = []
+        for raw in reversed(client.lrange(queue, 0, -1)):  # kombu pushes on the left
+            message = json.loads(raw)
+            body = json.loads(base64.b64decode(message["body"]))
+            messages.append((message["headers"], body, raw.decode(errors="replace")))
+        return messages
+    finally:
+        client.close()
+
+
+def _peek(queue: str) -> list[tuple[dict[str, Any], Any, str]]:
+    """(headers, decoded body, everything of the message as text) of each message in
+    ``queue``, oldest first, through kombu; every message is requeued in place."""
+    from kombu import Queue
+
+    from project.celery import app
+
+    found: list[tuple[dict[str, Any], Any, str]] = []
+    with app.connection_for_read() as broker:
+        channel = broker.channel()
+        taken = []
+        try:
+            bound = Queue(queue, no_declare=True)(channel)
+            while True:
+                try:
+                    message = bound.get(no_ack=False, accept=["json"])
+                except broker.channel_errors:  # AMQP: no such queue (404 NOT_FOUND)
+                    break
+                if message is None:
+                    break
+                taken.append(message)
+                raw = message.body if isinstance(message.body, str) else message.body.decode()
+                text = f"{message.headers!r}{message.properties!r}{raw}"
+                found.append((dict(message.headers), message.decode(), text))
+        finally:
+            try:
+                for message in taken:  # in order: each goes back to its place
+                    message.reject(requeue=True)
+            finally:
+                with contextlib.suppress(Exception):  # closed by the broker on a channel error
+                    channel.close()  # (what was not rejected is requeued as its channel closes)
+    return found
+
+
+def broker_dump(queues: str = ALL_QUEUES) -> list[str]:
+    """Everything the test broker holds, as text, for leak scans: on Redis every key and value
+    of its database (queues, unacknowledged messages, bindings); on other transports (RabbitMQ)
+    every message waiting in ``queues`` (headers, properties, body), left in place."""
+    if broker_transport() == "redis":
+        from django.conf import settings
+
+        return list(_redis_dump(settings.CELERY_BROKER_URL))
+    return [text for queue in queues.split(",") for _h, _b, text in _peek(queue)]
+
+
+def _redis_dump(url: str) -> Iterator[str]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        for key in client.scan_iter(count=1000):
+            kind = client.type(key).decode()
+            yield key.decode(errors="replace")
+            if kind == "string":
+                yield (client.get(key) or b"").decode(errors="replace")
+            elif kind == "list":
+                yield from (item.decode(errors="replace") for item in client.lrange(key, 0, -1))
+            elif kind == "hash":
+                yield from (f"{k!r}{v!r}" for k, v in client.hgetall(key).items())
+            elif kind == "set":
+                yield from (item.decode(errors="replace") for item in client.smembers(key))
+            elif kind == "zset":
+                yield from (item.decode(errors="replace") for item in client.zrange(key, 0, -1))
+    finally:
+        client.close()

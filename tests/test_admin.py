@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import redis
 from django.contrib.auth.models import User
 from django.test import Client
 from django_celery_beat.models import PeriodicTask
 
 from tests.factories import SECRET, make_provider
+from tests.processes import broker_count, purge_queues
 from tokens import locks
 from tokens.constants import Reason
 from tokens.generators import Generator
@@ -411,18 +411,15 @@ def test_refresh_now__of_a_failing_provider_goes_to_the_scheduled_lane(
     staff: Client, django_capture_on_commit_callbacks
 ) -> None:
     """Its endpoint may hang: somebody's "Refresh now" must not hold up the urgent lane."""
-    from django.conf import settings as django_settings
-
-    broker = redis.Redis.from_url(django_settings.CELERY_BROKER_URL)
     healthy = make_provider("healthy", kind="static", secret=SECRET)
     failing = make_provider("failing", kind="static", secret=SECRET)
     ProviderState.objects.filter(provider=failing).update(consecutive_failures=2)
-    broker.delete("tokens.urgent", "tokens.scheduled")
+    purge_queues("tokens.urgent,tokens.scheduled")
     with django_capture_on_commit_callbacks(execute=True):
         for provider in (healthy, failing):
             staff.post(f"/admin/tokens/provider/{provider.pk}/refresh/")
-    assert broker.llen("tokens.urgent") == 1
-    assert broker.llen("tokens.scheduled") == 1
+    assert broker_count("tokens.urgent") == 1
+    assert broker_count("tokens.scheduled") == 1
 
 
 def test_status_view__what_the_open_pages_poll(staff: Client, client: Client) -> None:

@@ -6,12 +6,10 @@ import threading
 import time
 
 import pytest
-import redis
-from django.conf import settings
 from django.db import connection
 
 from tests.factories import make_provider
-from tests.processes import purge_queues, wait_for
+from tests.processes import broker_count, purge_queues, wait_for
 from tokens import ainvalidate_token, cache, get_token, invalidate_token, memory
 from tokens.constants import Reason
 from tokens.models import Provider
@@ -33,8 +31,7 @@ def test_invalidate__current_token_is_dropped_everywhere_and_a_refresh_is_queued
     assert invalidate_token("api", "api-token-1") is True
     assert "api" not in memory.memory
     assert cache.entry_get("api") is None
-    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    assert broker.llen("tokens.urgent") == 1  # the refresh
+    assert broker_count("tokens.urgent") == 1  # the refresh
 
     def refresh_soon() -> None:
         time.sleep(0.3)

@@ -42,11 +42,11 @@ def test_flower__every_refresh_names_its_provider_failures_show_failed_and_idle_
     of it, single or batched; a failed refresh is a failed task naming its error class; and
     while nothing is due, bookkeeping sends next to no tasks."""
     endpoint = TokenEndpoint(httpserver)
-    healthy = make_provider("payments", config=oauth2_config(endpoint.url), interval=2)
-    broken = make_provider(
-        "ledger", config=oauth2_config(httpserver.url_for("/nowhere")), interval=2
-    )
-    with EventLog() as events:
+    with EventLog() as events:  # before the providers: their first refreshes are sent at once
+        healthy = make_provider("payments", config=oauth2_config(endpoint.url), interval=2)
+        broken = make_provider(
+            "ledger", config=oauth2_config(httpserver.url_for("/nowhere")), interval=2
+        )
         beat()
         wait_for(
             lambda: (

@@ -25,7 +25,7 @@ from pytest_httpserver import HTTPServer
 from tests.factories import SECRET
 from tests.integration.endpoint import TokenEndpoint
 from tests.integration.events import EventLog
-from tests.processes import Process, wait_for
+from tests.processes import Process, broker_dump, wait_for
 from tokens import get_token
 from tokens.models import Provider, ProviderState, Token
 
@@ -150,8 +150,8 @@ def test_leak_scan__no_secret_or_token_anywhere(
         "test process log": caplog.text,
         "Celery events": json.dumps(events.events, default=str),
         "admin pages": "\n".join(pages),
-        "Redis (cache)": "\n".join(redis_dump(settings.REDIS_URL)),
-        "Redis (broker, results, events)": "\n".join(redis_dump(settings.CELERY_BROKER_URL)),
+        "Redis (cache, results)": "\n".join(redis_dump(settings.REDIS_URL)),
+        "broker (Redis: every key; RabbitMQ: the messages waiting)": "\n".join(broker_dump()),
         "database": "\n".join(database_dump()),
     }
     assert "DEBUG" in haystacks["worker log"] and len(events.events) > 5
@@ -253,8 +253,8 @@ def test_leak_scan__refresh_tokens_and_private_keys_appear_nowhere(
         ),
         "Celery events": json.dumps(events.events, default=str),
         "admin, health and metrics pages": "\n".join(pages),
-        "Redis (cache)": "\n".join(redis_dump(settings.REDIS_URL)),
-        "Redis (broker, results, events)": "\n".join(redis_dump(settings.CELERY_BROKER_URL)),
+        "Redis (cache, results)": "\n".join(redis_dump(settings.REDIS_URL)),
+        "broker (Redis: every key; RabbitMQ: the messages waiting)": "\n".join(broker_dump()),
         "database": "\n".join(database_dump()),
     }
     assert "DEBUG" in haystacks["worker log"]
