@@ -29,6 +29,8 @@ from tokens.status import fails_fast
 
 logger = logging.getLogger(__name__)
 
+# How long past a retry's due time a reader waits for it (a countdown's start can be late).
+RETRY_GRACE = 0.5
 # Provider.name's max_length: a longer name names no provider.
 MAX_NAME_LENGTH = 100
 
@@ -197,6 +199,11 @@ class _Reader:
         now = timezone.now()
         deadline = now + timedelta(seconds=max(0.0, self.deadline - time.monotonic()))
         if state is None or not fails_fast(state, now=now, deadline=deadline):
+            if state is not None and state.consecutive_failures and state.next_attempt_at:
+                # Waiting for a retry due in a moment: for it, and half a second more (a retry
+                # sent with a countdown can start late), not for the whole timeout.
+                wait = (state.next_attempt_at - now).total_seconds() + RETRY_GRACE
+                self.deadline = min(self.deadline, time.monotonic() + max(wait, RETRY_GRACE))
             return
         try:
             if locks.refresh_expected(provider_id):
@@ -285,7 +292,7 @@ def _get_token_slow(name: Any, timeout: Any) -> tuple[str, str]:
             value = reader.read(database=database)
             if value is not None:
                 return value
-            remaining = deadline - time.monotonic()
+            remaining = min(deadline, reader.deadline) - time.monotonic()
             if remaining <= 0:
                 metrics.TIMEOUTS.labels(name).inc()
                 raise TokenUnavailable(name, reader.reason(time.monotonic() - started))

@@ -90,13 +90,13 @@ def with_status(
 def fails_fast(state: ProviderState | None, *, now: datetime, deadline: datetime) -> bool:
     """Whether a reader with no valid token should fail at once rather than wait: the last
     refresh failed and nothing will change before ``deadline`` (a permanent error, or a retry
-    more than half a second away; one sooner is worth waiting for, and its failure wakes the
-    reader: an error within a second either way)."""
+    more than 0.3 s away; one sooner is worth waiting for, and its failure wakes the reader:
+    an error within a second either way)."""
     if state is None or not state.consecutive_failures:
         return False
     if state.permanent_error or state.next_attempt_at is None:
         return True
-    return state.next_attempt_at > min(deadline, now + timedelta(seconds=0.5))
+    return state.next_attempt_at > min(deadline, now + timedelta(seconds=0.3))
 
 
 def refreshing_ids(provider_ids: Iterable[int]) -> set[int]:
