@@ -317,11 +317,12 @@ def broker_dump(queues: str = ALL_QUEUES) -> list[str]:
     if broker_transport() == "redis":
         from django.conf import settings
 
-        return list(_redis_dump(settings.CELERY_BROKER_URL))
+        return list(redis_dump(settings.CELERY_BROKER_URL))
     return [text for queue in queues.split(",") for _h, _b, text in _peek(queue)]
 
 
-def _redis_dump(url: str) -> Iterator[str]:
+def redis_dump(url: str) -> Iterator[str]:
+    """Every key of the Redis database at ``url`` and every value in it, as text."""
     import redis
 
     client = redis.Redis.from_url(url)

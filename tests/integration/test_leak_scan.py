@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import connection
@@ -25,28 +24,11 @@ from pytest_httpserver import HTTPServer
 from tests.factories import SECRET
 from tests.integration.endpoint import TokenEndpoint
 from tests.integration.events import EventLog
-from tests.processes import Process, broker_dump, wait_for
+from tests.processes import Process, broker_dump, redis_dump, wait_for
 from tokens import get_token
 from tokens.models import Provider, ProviderState, Token
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-def redis_dump(url: str) -> Iterator[str]:
-    client = redis.Redis.from_url(url)
-    for key in client.scan_iter(count=1000):
-        kind = client.type(key).decode()
-        yield key.decode(errors="replace")
-        if kind == "string":
-            yield (client.get(key) or b"").decode(errors="replace")
-        elif kind == "list":
-            yield from (item.decode(errors="replace") for item in client.lrange(key, 0, -1))
-        elif kind == "hash":
-            yield from (f"{k!r}{v!r}" for k, v in client.hgetall(key).items())
-        elif kind == "set":
-            yield from (item.decode(errors="replace") for item in client.smembers(key))
-        elif kind == "zset":
-            yield from (item.decode(errors="replace") for item in client.zrange(key, 0, -1))
 
 
 def database_dump() -> Iterator[str]:
