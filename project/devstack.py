@@ -148,10 +148,15 @@ def run() -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    embedded = not env.get("REDIS_URL")
     with redis_url(env) as url:
         env["REDIS_URL"] = url
-        # Commands in a second terminal (python3 dev.py manage ...) use this Redis too.
-        REDIS_URL_FILE.write_text(url)
+        if embedded:
+            # Commands in a second terminal (python3 dev.py manage ...) use this Redis too.
+            # (A REDIS_URL of the user's own, perhaps with a password, stays in their shell.)
+            descriptor = os.open(REDIS_URL_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(url)
         _manage(env, "migrate", "--no-input", "-v", "0")
         ensure_admin(env)
         print(

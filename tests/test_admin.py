@@ -459,3 +459,8 @@ def test_pages__tidy(staff: Client) -> None:
     assert "Refresh state: refresh state" not in page
     response = staff.post(f"/admin/tokens/provider/{short.pk}/refresh/", follow=True)
     assert "Provider short: refresh queued." in [str(m) for m in response.context["messages"]]
+
+
+def test_status_view__odd_ids_are_ignored_not_a_500(staff: Client) -> None:
+    response = staff.get("/admin/tokens/provider/status/?ids=²,99999999999999999999999,1")
+    assert response.status_code == 200 and response.json() == {"providers": {}}

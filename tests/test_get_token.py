@@ -340,3 +340,42 @@ def test_get_token__a_retry_due_in_a_moment_is_waited_for_briefly() -> None:
     with pytest.raises(TokenUnavailable, match="waited"):
         get_token("api", timeout=5)  # for the retry (none comes here) and half a second more
     assert 0.6 <= time.monotonic() - started < 1.2
+
+
+def test_get_token__a_running_refresh_is_waited_for_as_long_as_asked() -> None:
+    """The last refresh failed and its retry is due now, but a refresh holds the lock: the
+    caller waits its whole timeout for it, not half a second past the retry's due time."""
+    from tokens import locks
+
+    provider = make_provider("api", config={"client_id": "c"})
+    refresh.token_refresh(provider_id=provider.pk)
+    ProviderState.objects.filter(provider=provider).update(
+        permanent_error=False, next_attempt_at=timezone.now()
+    )
+    held = locks.locks_acquire([provider.pk])
+    try:
+        started = time.monotonic()
+        with pytest.raises(TokenUnavailable, match="waited"):
+            get_token("api", timeout=1.5)
+        assert time.monotonic() - started >= 1.4
+    finally:
+        locks.locks_release(held)
+
+
+def test_get_token__readers_never_bring_a_retry_before_the_issuers_retry_after(
+    make_httpserver, settings
+) -> None:
+    settings.TOKENS_RETRY_MAX = 300  # the suite's is 4 s: Retry-After is honoured up to it
+    server = make_httpserver
+    server.expect_request("/ra", method="POST").respond_with_data(
+        '{"error": "slow_down"}',
+        status=429,
+        headers={"Retry-After": "120"},
+        content_type="application/json",
+    )
+    provider = make_provider("api", config={"token_url": server.url_for("/ra"), "client_id": "c"})
+    refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+    with pytest.raises(TokenUnavailable):
+        get_token("api", timeout=5)
+    retry = ProviderState.objects.get(provider=provider).next_attempt_at
+    assert retry is not None and retry > timezone.now() + timedelta(seconds=100)

@@ -371,7 +371,11 @@ class ProviderAdmin(admin.ModelAdmin):
         if not self.has_view_or_change_permission(request):
             raise PermissionDenied
         raw = request.GET.get("ids", "")
-        ids = [int(part) for part in raw.split(",")[:500] if part.isdigit()]
+        ids = [
+            int(part)
+            for part in raw.split(",")[:500]
+            if part.isascii() and part.isdigit() and len(part) <= 18
+        ]
         providers = list(Provider.objects.select_related("refresh_state").filter(pk__in=ids))
         refreshing = refreshing_ids(p.pk for p in providers)
         now = timezone.now()

@@ -147,7 +147,8 @@ class _Reader:
 
     def __init__(self, name: str, deadline: float = math.inf) -> None:
         self.name = name
-        self.deadline = deadline  # time.monotonic()
+        self.wanted_until = deadline  # time.monotonic(): the caller's own deadline
+        self.deadline = deadline  # it, or sooner while only a retry due in a moment can help
         self.provider_id: int | None = None
         self.problems: list[str] = []
 
@@ -183,7 +184,10 @@ class _Reader:
                 # Nothing will come until a person connects the account again: say so now.
                 metrics.UNAVAILABLE.labels(self.name, "reconnect").inc()
                 raise TokenUnavailable(self.name, f"reconnect needed: {gone}")
-            self._fail_fast(provider.pk)
+            try:
+                self._fail_fast(provider.pk)
+            except DatabaseError:
+                self._problem("database unavailable")
             self._request_refresh()
             return None
         cached = CachedToken.from_row(token)
@@ -197,21 +201,25 @@ class _Reader:
         refresh runs or an operator just asked for one; bring a far retry closer first."""
         state = selectors.provider_state(provider_id=provider_id)
         now = timezone.now()
-        deadline = now + timedelta(seconds=max(0.0, self.deadline - time.monotonic()))
-        if state is None or not fails_fast(state, now=now, deadline=deadline):
-            if state is not None and state.consecutive_failures and state.next_attempt_at:
-                # Waiting for a retry due in a moment: for it, and half a second more (a retry
-                # sent with a countdown can start late), not for the whole timeout.
-                wait = (state.next_attempt_at - now).total_seconds() + RETRY_GRACE
-                self.deadline = min(self.deadline, time.monotonic() + max(wait, RETRY_GRACE))
+        self.deadline = self.wanted_until
+        deadline = now + timedelta(seconds=max(0.0, self.wanted_until - time.monotonic()))
+        if state is None or not state.consecutive_failures:
             return
         try:
             if locks.refresh_expected(provider_id):
-                return
+                return  # a refresh runs (or was just asked for): wait for it, as long as asked
         except CacheUnavailable:
             pass
+        if not fails_fast(state, now=now, deadline=deadline):
+            if state.next_attempt_at is not None:
+                # Waiting for a retry due in a moment: for it, and half a second more (a retry
+                # sent with a countdown can start late), not for the whole timeout.
+                wait = (state.next_attempt_at - now).total_seconds() + RETRY_GRACE
+                self.deadline = min(self.wanted_until, time.monotonic() + max(wait, RETRY_GRACE))
+            return
         if not state.permanent_error:
-            refresh.retry_sooner(provider_id=provider_id)
+            with contextlib.suppress(Exception):  # the broker or Redis down: say it all the same
+                refresh.retry_sooner(provider_id=provider_id)
         metrics.UNAVAILABLE.labels(self.name, "failing").inc()
         raise TokenUnavailable(
             self.name, f"last refresh error: {state.last_error or 'failed'}; not retried yet"

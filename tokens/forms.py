@@ -7,7 +7,7 @@ from django import forms
 from django.utils.html import format_html, format_html_join
 
 from tokens.generators import get_generator, registry
-from tokens.models import Provider, secret_destination
+from tokens.models import Provider, refresh_lead, secret_destination
 
 
 def kinds_help() -> str:
@@ -37,7 +37,7 @@ def interval_help(provider: Provider) -> str:
             " <strong>Note: the last token lived {} s, less than this interval: it is refreshed "
             "every {} s or so, before each token expires.</strong>",
             f"{round(lifetime.total_seconds(), 1):g}",
-            f"{round(lifetime.total_seconds() * 0.6, 1):g}",
+            f"{round((lifetime - refresh_lead(lifetime)).total_seconds(), 1):g}",
         )
     return text
 

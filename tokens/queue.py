@@ -31,19 +31,22 @@ def message_ttl() -> float:
     return max(tokens_settings.seconds("PENDING_TTL"), 1.0)
 
 
-def shown(provider_ids: list[int], names: list[str] | None = None) -> dict[str, str]:
-    """What Flower and the task events show of a refresh's arguments: the ids, and the
-    providers' names (``kwargsrepr``; the task takes ids only), so that a search for a name
-    finds every refresh of it, single or batched. Names are looked up when not given."""
+def shown(
+    provider_ids: list[int], names: list[str] | None = None, *, batch: bool = False
+) -> dict[str, str]:
+    """What Flower and the task events show of a refresh's arguments: its real arguments (the
+    ids), and the providers' names (``kwargsrepr``; the task takes ids only), so that a search
+    for a name finds every refresh of it, single or batched. Names are looked up when not
+    given."""
     if names is None:
         found = dict(Provider.objects.filter(pk__in=provider_ids).values_list("pk", "name"))
         names = [found.get(pid, "?") for pid in provider_ids]
-    key = "provider" if len(provider_ids) == 1 and names else "providers"
-    value: object = names[0] if key == "provider" else list(names)
-    return {
-        "argsrepr": repr((list(provider_ids),) if key == "providers" else (provider_ids[0],)),
-        "kwargsrepr": repr({key: value}),
-    }
+    if batch:
+        return {
+            "argsrepr": repr((list(provider_ids),)),
+            "kwargsrepr": repr({"providers": list(names)}),
+        }
+    return {"argsrepr": repr((provider_ids[0],)), "kwargsrepr": repr({"provider": names[0]})}
 
 
 def refresh_send(
@@ -103,5 +106,5 @@ def batch_send(
         BATCH_TASK,
         args=(list(provider_ids),),
         headers=headers,
-        **{**lane(Reason.SCHEDULE), **shown(list(provider_ids), names), **options},
+        **{**lane(Reason.SCHEDULE), **shown(list(provider_ids), names, batch=True), **options},
     )

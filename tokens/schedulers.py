@@ -8,13 +8,15 @@ each tick.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from django.db import DatabaseError
 from django_celery_beat.schedulers import DatabaseScheduler as BeatDatabaseScheduler
 
 from tokens import selectors
 from tokens.constants import DISPATCH_TASK
+
+logger = logging.getLogger("tokens.schedule")
 
 
 class DatabaseScheduler(BeatDatabaseScheduler):
@@ -23,6 +25,6 @@ class DatabaseScheduler(BeatDatabaseScheduler):
             try:
                 if not selectors.schedule_has_due():
                     return  # nothing is due: no task, no log line
-            except DatabaseError:
-                pass  # cannot tell: the dispatcher finds out
+            except Exception:  # cannot tell: the dispatcher finds out; beat must go on
+                logger.warning("tokens: could not tell whether a refresh is due", exc_info=True)
         super().apply_entry(entry, producer=producer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from celery import Task, shared_task
@@ -23,6 +24,7 @@ from tokens.services.results import RefreshResult
 
 # What a failed task's message may hold, at most (a batch names each failed provider).
 FAILURE_TEXT_LIMIT = 2000
+MARKUP = re.compile(r"[<>&\"'`]")
 
 
 def _failed(results: dict[int, RefreshResult]) -> None:
@@ -36,7 +38,8 @@ def _failed(results: dict[int, RefreshResult]) -> None:
     text = "; ".join(f"{names.get(pid, pid)}: {error}" for pid, error in failures.items())
     if len(results) > 1:
         text = f"{len(failures)} of {len(results)} failed: {text}"
-    raise RefreshFailed(text[:FAILURE_TEXT_LIMIT])
+    # No markup characters: an issuer's words must not become HTML in a page that shows them.
+    raise RefreshFailed(MARKUP.sub(" ", text[:FAILURE_TEXT_LIMIT]))
 
 
 @shared_task(name=REFRESH_TASK, ignore_result=True, bind=True, throws=(RefreshFailed,))

@@ -311,3 +311,19 @@ def test_refresh__readers_ask_again_only_after_the_cooldown(
     assert not locks.pending_claim(provider.pk)  # a reader's request within the cooldown
     time.sleep(1.05)
     assert locks.pending_claim(provider.pk)
+
+
+def test_task_failure__names_the_provider_without_markup() -> None:
+    """A failed refresh task's message (what Flower shows) carries no character an HTML page
+    could read as markup, whatever the issuer wrote."""
+    from tokens.constants import Outcome
+    from tokens.exceptions import RefreshFailed
+    from tokens.services.results import RefreshResult
+    from tokens.tasks import _failed
+
+    provider = make_provider("api", config={"client_id": "c"})
+    result = RefreshResult(Outcome.FAILED, error='transient: <img src=x onerror="alert(1)">')
+    with pytest.raises(RefreshFailed) as caught:
+        _failed({provider.pk: result})
+    text = str(caught.value)
+    assert text.startswith("api: transient:") and not set("<>&'`\"") & set(text)

@@ -248,3 +248,20 @@ def test_schedule__a_static_provider_is_never_scheduled() -> None:
     assert schedule.due_dispatch(now=timezone.now() + timedelta(days=1)) == []
     call_command("sync_token_schedules", stdout=StringIO())
     assert next_run(provider) is None
+
+
+def test_schedule__a_fresh_skip_still_schedules_before_the_token_lapses() -> None:
+    """A token stored outside the schedule (Refresh now) makes the scheduled run a "fresh"
+    skip: the next run must still come before that token stops being handed out."""
+    from tests.factories import make_provider
+
+    provider = make_provider(
+        "short", kind="callable", config={"path": "tests.callables.short_lived"}, interval=300
+    )
+    refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
+    set_next_run(provider, timezone.now())
+    schedule.due_dispatch()  # claims it: next run one interval on
+    outcome = refresh.token_refresh(provider_id=provider.pk, reason=Reason.SCHEDULE).outcome
+    assert outcome == "skipped-fresh"
+    due = state(provider).next_refresh_for_expiry()
+    assert due is not None and next_run(provider) <= due

@@ -7,6 +7,7 @@ logged. Only the newest refresh reports (a config change or a newer refresh move
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from datetime import datetime, timedelta
@@ -14,10 +15,10 @@ from datetime import datetime, timedelta
 from django.db.models import F
 from django.utils import timezone
 
-from tokens import cache, metrics, selectors
+from tokens import cache, locks, metrics, selectors
 from tokens.conf import tokens_settings
 from tokens.constants import Outcome
-from tokens.exceptions import GeneratorError
+from tokens.exceptions import CacheUnavailable, GeneratorError
 from tokens.generators import registry
 from tokens.models import Provider, ProviderState
 from tokens.sanitize import WITHHELD, echoes, scrub
@@ -68,6 +69,12 @@ def failure_record(
     label = "reconnect needed" if error.reconnect else error.kind
     message = scrub(f"{label}: {error}" + (f": {detail}" if detail else ""), secrets)
     failures = (state.consecutive_failures if state else 0) + 1
+    if error.transient and error.retry_after:
+        # The issuer said when to come back: readers wanting a token do not bring it closer.
+        with contextlib.suppress(CacheUnavailable):
+            locks.claim(
+                "soon", provider.pk, min(error.retry_after, tokens_settings.seconds("RETRY_MAX"))
+            )
     if error.transient:
         wanted = not has_valid_token(state, now)
         retry_in: float | None = retry_delay(

@@ -85,6 +85,8 @@ def refresh_many(
                 continue
             state = provider.refresh_state
             early = _skip_reason(provider, state, reason)
+            if early == Outcome.FRESH and reason == Reason.SCHEDULE:
+                _schedule_for_expiry(state)
             if early is None and unlocked and provider_uses_refresh_token(provider):
                 # A refresh token the issuer rotates is never used without the fleet-wide
                 # lock: two refreshes sending it at once would end the grant.
@@ -113,7 +115,7 @@ def retry_sooner(*, provider_id: int) -> None:
     """Readers want a token that no longer exists: bring a far retry of a transient failure
     forward to within TOKENS_RETRY_MAX_WANTED (once per that period, fleet-wide), so the token
     is back within seconds of the endpoint healing."""
-    cap = tokens_settings.seconds("RETRY_MAX_WANTED")
+    cap = max(1.0, tokens_settings.seconds("RETRY_MAX_WANTED"))  # at most one a second
     try:
         if not locks.claim("soon", provider_id, cap):
             return
@@ -141,6 +143,17 @@ def refresh_for_operator(*, provider_id: int, name: str | None = None) -> bool:
             provider_id=provider_id, reason=Reason.MANUAL, failing=failing, name=name
         )
     return claimed
+
+
+def _schedule_for_expiry(state: ProviderState) -> None:
+    """A scheduled run found the token fresh (stored outside the schedule: Refresh now, a
+    reader, a change): the next run must still come before this token stops being handed out,
+    not one interval on."""
+    due = state.next_refresh_for_expiry()
+    if due is not None:
+        ProviderState.objects.filter(provider_id=state.provider_id, next_run_at__gt=due).update(
+            next_run_at=due
+        )
 
 
 def _skip_reason(provider: Provider, state: ProviderState, reason: Reason) -> Outcome | None:
