@@ -448,6 +448,7 @@ def test_pages__tidy(staff: Client) -> None:
 
     add = staff.get("/admin/tokens/provider/add/").content.decode()
     assert "refresh_state-group" not in add and "tokens-group" not in add
+    assert "field-status_badge" not in add and "field-next_refresh" not in add
     assert "View site" not in add
     short = make_provider(
         "short", kind="callable", config={"path": "tests.callables.short_lived"}, interval=300

@@ -246,6 +246,13 @@ class ProviderAdmin(admin.ModelAdmin):
 
     def get_fieldsets(self, request: HttpRequest, obj: Provider | None = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)
+        if obj is None:
+            # Nothing to show of a provider that does not exist yet: no status, no next run.
+            return [
+                (title, {**options, "fields": [f for f in options["fields"] if f in EDITABLE]})
+                for title, options in fieldsets
+                if any(f in EDITABLE for f in options["fields"])
+            ]
         if obj is not None and not connect.connectable(obj):
             # Only connected accounts keep a refresh token.
             fieldsets = [
@@ -418,6 +425,12 @@ class ProviderAdmin(admin.ModelAdmin):
             )
             return back
         return HttpResponseRedirect(connect.connect_begin(request, provider))
+
+
+# What the add page shows: the fields an operator fills in.
+EDITABLE = frozenset(
+    {"name", "kind", "enabled", "config", "secret", "refresh_token", "refresh_interval"}
+)
 
 
 def _public(field: Any) -> Any:
