@@ -179,11 +179,6 @@ class _Reader:
             return None
         self.provider_id = provider.pk
         if token is None:
-            gone = selectors.provider_needs_reconnect(provider_id=provider.pk)
-            if gone is not None:
-                # Nothing will come until a person connects the account again: say so now.
-                metrics.UNAVAILABLE.labels(self.name, "reconnect").inc()
-                raise TokenUnavailable(self.name, f"reconnect needed: {gone}")
             try:
                 self._fail_fast(provider.pk)
             except DatabaseError:
@@ -197,9 +192,16 @@ class _Reader:
         return cached.value, cached.token_type
 
     def _fail_fast(self, provider_id: int) -> None:
-        """Raise TokenUnavailable now when waiting cannot help (status.fails_fast), unless a
-        refresh runs or an operator just asked for one; bring a far retry closer first."""
+        """Raise TokenUnavailable now when waiting cannot help: the grant is gone (reconnect
+        needed), or status.fails_fast, unless a refresh runs or an operator just asked for one
+        (bring a far retry closer first). One read of the provider's state."""
         state = selectors.provider_state(provider_id=provider_id)
+        if state is not None and state.reconnect_needed:
+            # Nothing will come until a person connects the account again: say so now.
+            metrics.UNAVAILABLE.labels(self.name, "reconnect").inc()
+            raise TokenUnavailable(
+                self.name, f"reconnect needed: {state.last_error or 'reconnect needed'}"
+            )
         now = timezone.now()
         self.deadline = self.wanted_until
         deadline = now + timedelta(seconds=max(0.0, self.wanted_until - time.monotonic()))

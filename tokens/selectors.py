@@ -68,17 +68,6 @@ def provider_is_failing(*, provider_id: int) -> bool:
     ).exists()
 
 
-def provider_needs_reconnect(*, provider_id: int) -> str | None:
-    """The provider's last error when its grant is gone (a person must connect it again),
-    else None."""
-    row = (
-        ProviderState.objects.filter(provider_id=provider_id, reconnect_needed=True)
-        .values_list("last_error", flat=True)
-        .first()
-    )
-    return None if row is None else row or "reconnect needed"
-
-
 def provider_state(*, provider_id: int) -> ProviderState | None:
     """The provider's refresh state (None when it has none yet)."""
     return ProviderState.objects.filter(provider_id=provider_id).first()
