@@ -176,8 +176,9 @@ TOKENS_INVALIDATE_COOLDOWN = env.float("TOKENS_INVALIDATE_COOLDOWN", default=30.
 # Beat's one entry dispatches due refreshes this often, in batches of this many providers, each
 # batch calling this many generators at a time.
 TOKENS_DISPATCH_EVERY = env.float("TOKENS_DISPATCH_EVERY", default=1.0)
-TOKENS_DISPATCH_BATCH = env.int("TOKENS_DISPATCH_BATCH", default=50)
-TOKENS_REFRESH_CONCURRENCY = env.int("TOKENS_REFRESH_CONCURRENCY", default=8)
+TOKENS_DISPATCH_BATCH = env.int("TOKENS_DISPATCH_BATCH", default=200)
+TOKENS_HTTP_CONCURRENCY = env.int("TOKENS_HTTP_CONCURRENCY", default=200)
+TOKENS_HTTP_PER_HOST = env.int("TOKENS_HTTP_PER_HOST", default=50)
 # Two lanes, each consumed by its own worker (Procfile, docker-compose.yml): the dispatcher and
 # the refreshes somebody waits for never queue behind scheduled batches of slow endpoints.
 TOKENS_QUEUE_URGENT = env.str("TOKENS_QUEUE_URGENT", default="tokens.urgent")

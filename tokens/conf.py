@@ -26,6 +26,10 @@ DEFAULTS: dict[str, Any] = {
     # seconds; and the most bytes its answer may have, as sent and once decoded.
     "HTTP_TIMEOUT": 10.0,
     "HTTP_MAX_BODY": 1024 * 1024,
+    # Token requests in flight at once in one process (a batch's generators run this many at a
+    # time), and at most this many of them to one endpoint origin (scheme, host, port).
+    "HTTP_CONCURRENCY": 200,
+    "HTTP_PER_HOST": 50,
     # TTL of the per-provider refresh lock; longer than the task's hard time limit.
     "LOCK_TTL": 90.0,
     # A refresh asked for by get_token() is not asked again for this long, in seconds; and,
@@ -57,14 +61,14 @@ DEFAULTS: dict[str, Any] = {
     "WAIT_RECHECK": 0.5,
     # Beat's dispatcher entry runs this often (seconds): a schedule edit takes effect within it.
     "DISPATCH_EVERY": 1.0,
-    # Scheduled refreshes per task, and at most this many claimed per dispatch.
-    "DISPATCH_BATCH": 50,
+    # Scheduled refreshes per task, and at most this many claimed per dispatch. A worker
+    # process runs one batch at a time: its refreshes are in flight together (up to
+    # HTTP_CONCURRENCY), so a batch costs about one endpoint latency, not one per provider.
+    "DISPATCH_BATCH": 200,
     "DISPATCH_LIMIT": 5000,
     # A batch stops taking providers after this long (seconds) and hands the rest to a new
     # task; with TOKENS_HTTP_TIMEOUT it must stay below CELERY_TASK_SOFT_TIME_LIMIT.
     "BATCH_BUDGET": 15.0,
-    # Scheduled refreshes of one batch run this many at a time (each within HTTP_TIMEOUT).
-    "REFRESH_CONCURRENCY": 8,
     # Celery queues: "urgent" carries the dispatcher and the refreshes somebody waits for (a
     # new or changed provider, a reader, an operator); "scheduled" carries batches and retries.
     # None: Celery's default routing. Consume them with separate workers, so that slow

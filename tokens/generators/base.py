@@ -86,6 +86,14 @@ class Generator:
     def generate(self, provider: Provider) -> GeneratedToken:
         raise NotImplementedError
 
+    def endpoint(self, provider: Provider) -> str | None:
+        """The URL the provider's token requests go to, so that a batch keeps to
+        TOKENS_HTTP_PER_HOST per endpoint; None when the kind cannot tell (a callable: the HTTP
+        layer still bounds whatever it sends)."""
+        config = provider.config
+        url = config.get("token_url") if isinstance(config, Mapping) else None
+        return url if isinstance(url, str) else None
+
     def secrets(self, provider: Provider) -> list[str]:
         """Every credential of the provider that an issuer's words must never repeat: the
         secret, and any key inside it in another form."""

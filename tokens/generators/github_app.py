@@ -95,6 +95,10 @@ class GitHubApp(Generator):
         url = config.get("api_url") or DEFAULT_API
         return endpoint_destination(self.kind, url, config.get("ca_certs"))
 
+    def endpoint(self, provider: Provider) -> str | None:
+        url = provider.config.get("api_url") or DEFAULT_API
+        return url if isinstance(url, str) else None
+
     def generate(self, provider: Provider) -> GeneratedToken:
         config = provider.config
         now = int(time.time())

@@ -10,6 +10,13 @@ generator should). Whatever the server does, one call costs at most:
   deflate body is inflated in bounded steps, any other content encoding is refused.
 - **one request**: redirects are never followed (a redirect is an answer, not a token).
 
+Requests share one event loop per process (a thread of its own): any number of threads may wait
+on their own requests while these are in flight together, at most TOKENS_HTTP_CONCURRENCY in the
+process and TOKENS_HTTP_PER_HOST to one endpoint origin (scheme, host, port). A request that
+finds no slot within TOKENS_HTTP_TIMEOUT fails (transient); its own deadline starts when it has
+its slot. Connections are pooled and kept alive per origin and per TLS identity: a connection
+made with one provider's CAs or client certificate never carries another's request.
+
 TLS certificates are always verified, against the system's trust store or, per provider, a CA
 bundle given as PEM text (``ca_certs``); nothing in config can turn verification off, change the
 method, or add request options: config supplies form fields and nothing else. A client
@@ -19,6 +26,7 @@ certificate (RFC 8705 mutual TLS) comes from the provider's secret, never from a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -28,6 +36,7 @@ import ssl
 import tempfile
 import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -125,10 +134,19 @@ def _send(
         **(headers or {}),
     }
     context = client_context(ca_certs, client_cert) if client_cert else ssl_context(ca_certs)
-    exchange = _post(url, body, request_headers, context, timeout, limit)
-    started = datetime.now(UTC)
     try:
-        return replace(_run(exchange), started=started, sent=_credentials(body, request_headers))
+        origin = _origin(url)
+    except httpx.InvalidURL:
+        raise GeneratorError("token_url is not a valid URL", transient=False) from None
+    exchange = _engine().exchange(url, origin, body, request_headers, context, timeout, limit)
+    try:
+        return replace(_engine().run(exchange, timeout), sent=_credentials(body, request_headers))
+    except NoSlot:
+        raise GeneratorError(
+            f"no request slot for the token endpoint within {timeout:g}s (this process has "
+            "TOKENS_HTTP_CONCURRENCY requests in flight, or TOKENS_HTTP_PER_HOST to this host)",
+            transient=True,
+        ) from None
     except TimeoutError:
         raise GeneratorError(
             f"token endpoint did not answer within {timeout:g}s (TOKENS_HTTP_TIMEOUT, "
@@ -200,72 +218,187 @@ def _credentials(body: bytes, headers: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(sent)
 
 
-def _run(coroutine: Coroutine[object, object, HttpResponse]) -> HttpResponse:
-    """Run the exchange on an event loop of its own, in a helper thread if this thread runs one
-    already (generators are synchronous)."""
+class NoSlot(Exception):
+    """No request slot came free within the deadline (see the module)."""
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """What TOKENS_HTTP_PER_HOST counts by, and what a pooled connection serves: the URL's
+    scheme, host and port."""
+    parsed = httpx.URL(url)
+    if parsed.scheme not in {"http", "https"} or not parsed.host:
+        raise httpx.InvalidURL("not an absolute http(s) URL")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return (parsed.scheme, parsed.host.lower(), port)
+
+
+def origin_of(url: str | None) -> tuple[str, str, int] | None:
+    """The origin (scheme, host, port) TOKENS_HTTP_PER_HOST counts ``url`` under; None when
+    it is no absolute http(s) URL."""
+    if not url:
+        return None
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return _run_here(coroutine)
-    outcome: list[HttpResponse] = []
-    failure: list[BaseException] = []
+        return _origin(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return None
 
-    def target() -> None:
+
+class _Engine:
+    """This process's HTTP: one event loop on a thread of its own, its slots, and one pooled
+    client per TLS identity (see the module). Made on first use; a forked child makes its own."""
+
+    # Pooled clients kept at most: one per TLS identity (CAs, client certificate) and endpoint
+    # origin. Per origin, not one for all: httpcore's pool does work quadratic in its
+    # connections on every request, and an origin has at most TOKENS_HTTP_PER_HOST of them.
+    CLIENTS = 256
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        # Name lookups run here; one that hangs past a deadline is left behind, not waited for.
+        self.loop.set_default_executor(
+            ThreadPoolExecutor(max_workers=8, thread_name_prefix="tokens-dns")
+        )
+        # Touched on the loop's thread only.
+        self.clients: OrderedDict[
+            tuple[int, tuple[str, str, int]], tuple[ssl.SSLContext, httpx.AsyncClient, list[int]]
+        ] = OrderedDict()
+        self.slots: dict[object, asyncio.Semaphore] = {}
+        ready = threading.Event()
+        self.thread = threading.Thread(
+            target=self._serve, args=(ready,), name="tokens-http", daemon=True
+        )
+        self.thread.start()
+        ready.wait()
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(ready.set)
+        self.loop.run_forever()
+
+    def run(
+        self, exchange: Coroutine[object, object, HttpResponse], timeout: float
+    ) -> HttpResponse:
+        """Run ``exchange`` on the loop and wait for it in this thread. Whatever stops the wait
+        (a Celery time limit, a signal) cancels the exchange."""
+        future = asyncio.run_coroutine_threadsafe(exchange, self.loop)
         try:
-            outcome.append(_run_here(coroutine))
-        except BaseException as error:  # handed back to the calling thread
-            failure.append(error)
+            # The exchange bounds itself (slot wait, then its deadline); this is a backstop.
+            return future.result(timeout=2 * timeout + 5)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError from None
+        except BaseException:
+            future.cancel()
+            raise
 
-    thread = threading.Thread(target=target, name="tokens-http")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
+    def _slot(self, key: object, size: int) -> asyncio.Semaphore:
+        # Keyed with its size too: a changed setting takes effect for new requests at once.
+        slot = self.slots.get((key, size))
+        if slot is None:
+            slot = self.slots[(key, size)] = asyncio.Semaphore(size)
+        return slot
 
+    def _client(
+        self, context: ssl.SSLContext, origin: tuple[str, str, int]
+    ) -> tuple[httpx.AsyncClient, list[int]]:
+        key = (id(context), origin)
+        entry = self.clients.get(key)
+        if entry is not None and entry[0] is context:
+            self.clients.move_to_end(key)
+            return entry[1], entry[2]
+        client = httpx.AsyncClient(
+            verify=context,
+            follow_redirects=False,
+            # Deadlines are ours (asyncio.timeout); the pool never makes a request wait.
+            timeout=httpx.Timeout(None),
+            limits=httpx.Limits(
+                max_connections=None, max_keepalive_connections=None, keepalive_expiry=15.0
+            ),
+        )
+        # The context is kept with it: an id is only unique while its object lives.
+        self.clients[key] = (context, client, [0])
+        idle = [k for k, (_, _, users) in self.clients.items() if not users[0]]
+        for old in idle[: max(0, len(self.clients) - self.CLIENTS)]:
+            _, closing, _ = self.clients.pop(old)
+            self.loop.create_task(closing.aclose())
+        return client, self.clients[key][2]
 
-def _run_here(coroutine: Coroutine[object, object, HttpResponse]) -> HttpResponse:
-    # Not asyncio.run(): at the end it waits for the loop's executor, where a name lookup may
-    # still hang after the deadline. This loop leaves such a thread behind instead.
-    loop = asyncio.new_event_loop()
-    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokens-dns")
-    loop.set_default_executor(executor)
-    try:
-        return loop.run_until_complete(coroutine)
-    finally:
+    async def exchange(
+        self,
+        url: str,
+        origin: tuple[str, str, int],
+        body: bytes,
+        headers: dict[str, str],
+        context: ssl.SSLContext,
+        timeout: float,
+        limit: int,
+    ) -> HttpResponse:
+        host = self._slot(origin, max(1, int(tokens_settings.HTTP_PER_HOST)))
+        total = self._slot("all", max(1, int(tokens_settings.HTTP_CONCURRENCY)))
+        # The host's slot first, then the process's: a request queued behind its host's bound
+        # never holds one of the process's slots that other hosts could use.
+        waited = self.loop.time() + timeout
         try:
-            loop.run_until_complete(loop.shutdown_asyncgens())
+            async with asyncio.timeout_at(waited):
+                await host.acquire()
+        except TimeoutError:
+            raise NoSlot from None
+        try:
+            try:
+                async with asyncio.timeout_at(waited):
+                    await total.acquire()
+            except TimeoutError:
+                raise NoSlot from None
+            try:
+                client, users = self._client(context, origin)
+                users[0] += 1
+                try:
+                    started = datetime.now(UTC)
+                    async with asyncio.timeout(timeout):
+                        response = await _post(client, url, body, headers, limit)
+                    return replace(response, started=started)
+                finally:
+                    users[0] -= 1
+            finally:
+                total.release()
         finally:
-            executor.shutdown(wait=False, cancel_futures=True)
-            loop.close()
+            host.release()
+
+
+_engines: list[_Engine] = []
+_engines_lock = threading.Lock()
+
+
+def _engine() -> _Engine:
+    engine = _engines[0] if _engines else None
+    if engine is not None and engine.pid == os.getpid():
+        return engine
+    with _engines_lock:
+        if not _engines or _engines[0].pid != os.getpid():
+            _engines[:] = [_Engine()]  # a forked child: its parent's loop thread is not here
+        return _engines[0]
 
 
 async def _post(
+    client: httpx.AsyncClient,
     url: str,
     body: bytes,
     headers: dict[str, str],
-    context: ssl.SSLContext,
-    timeout: float,
     limit: int,
 ) -> HttpResponse:
-    async with asyncio.timeout(timeout):
-        async with (
-            httpx.AsyncClient(
-                verify=context, follow_redirects=False, timeout=httpx.Timeout(timeout)
-            ) as client,
-            client.stream("POST", url, content=body, headers=headers) as response,
-        ):
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > limit:
+    async with client.stream("POST", url, content=body, headers=headers) as response:
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(limit, decoded=False)
+        decoder = _decoder(response.headers.get("Content-Encoding", ""), limit)
+        received = 0
+        async for chunk in response.aiter_raw():
+            received += len(chunk)
+            if received > limit:
                 raise BodyTooLarge(limit, decoded=False)
-            decoder = _decoder(response.headers.get("Content-Encoding", ""), limit)
-            received = 0
-            async for chunk in response.aiter_raw():
-                received += len(chunk)
-                if received > limit:
-                    raise BodyTooLarge(limit, decoded=False)
-                decoder.feed(chunk)
-            return HttpResponse(response.status_code, response.headers, decoder.finish())
+            decoder.feed(chunk)
+        return HttpResponse(response.status_code, response.headers, decoder.finish())
 
 
 class _Identity:

@@ -109,6 +109,13 @@ class JwtBearer(Generator):
         """Assertions signed with the key go to the token endpoint."""
         return endpoint_destination(self.kind, config.get("token_url"), config.get("ca_certs"))
 
+    def endpoint(self, provider: Provider) -> str | None:
+        url = provider.config.get("token_url")
+        if url is None:
+            account = _account(provider.secret)
+            url = account.token_uri if account else None
+        return url if isinstance(url, str) else None
+
     def secrets(self, provider: Provider) -> list[str]:
         account = _account(provider.secret)
         return [provider.secret, *([account.private_key] if account else [])]

@@ -1,6 +1,7 @@
 """Calling generators within bounds: one call in the calling thread (a Celery time limit
-interrupts it), several TOKENS_REFRESH_CONCURRENCY at a time on a pool, none begun after the
-batch's deadline, and a call still running a TOKENS_HTTP_TIMEOUT past it given up.
+interrupts it); several in flight together on threads (TOKENS_HTTP_CONCURRENCY, and at most
+TOKENS_HTTP_PER_HOST to one endpoint), none begun after the batch's deadline, and a call still
+running a TOKENS_HTTP_TIMEOUT past it given up.
 
 Whatever a generator raises ends here as a GeneratorError, BaseException included (a
 ``sys.exit`` in a callable must not take a worker down), except Celery's time limits, which
@@ -9,10 +10,14 @@ belong to the task (``Interrupted`` hands the calls they stopped to the caller).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import queue
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -26,6 +31,7 @@ from tokens.conf import tokens_settings
 from tokens.exceptions import TIME_LIMITS, GeneratorError
 from tokens.generators import GeneratedToken, get_generator
 from tokens.generators.base import check_generated
+from tokens.generators.http import origin_of
 from tokens.models import Provider, Token
 from tokens.services.versions import refresh_token_store, tokens_store_many
 
@@ -47,6 +53,8 @@ class Attempt:
     committed: bool = False
     stored: Token | None = None
     given_up: bool = False
+    # The generator returned (or raised): false while a call given up still runs.
+    returned: bool = False
     # Orders the call's end against its being given up (the batch's deadline, a time limit).
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -67,14 +75,14 @@ class Interrupted(Exception):
 # Generator calls given up while still running, by provider: no second call of a provider is
 # begun in this process while its first still runs (a callable that never returns costs one
 # thread, not one per attempt).
-_abandoned: dict[int, threading.Thread] = {}
+_abandoned: dict[int, Attempt] = {}
 
 
 def still_running(*, provider_ids: list[int]) -> set[int]:
     """The providers whose given-up call still runs in this process."""
-    for pid, thread in list(_abandoned.items()):
-        if not thread.is_alive():
-            del _abandoned[pid]
+    for pid, attempt in list(_abandoned.items()):
+        if attempt.returned:
+            _abandoned.pop(pid, None)
     return {pid for pid in provider_ids if pid in _abandoned}
 
 
@@ -84,10 +92,16 @@ def attempts_run(
     fences: dict[int, int],
     deadline: float | None,
     held: dict[int, str] | None,
-) -> list[Attempt]:
-    """Call each provider's generator (see the module). Those not begun by ``deadline`` are
-    left out; a call given up keeps its provider's lock (removed from ``held``) until it
-    expires, so no second call can overlap it. Interrupted when a time limit stops them."""
+    on_finished: Callable[[list[Attempt]], None],
+    group: int = 10,
+) -> None:
+    """Call each provider's generator (see the module) and hand the attempts to
+    ``on_finished``, in this thread, as they finish: ``group`` at a time, or fewer once the
+    first of them has waited FLUSH_AFTER (a slow endpoint never holds back a fast one's token).
+
+    Those not begun by ``deadline`` are left out; a call given up keeps its provider's lock
+    (removed from ``held``) until it expires, so no second call can overlap it. Interrupted
+    when a time limit stops them."""
     if len(providers) == 1:
         attempt = Attempt(providers[0], fences[providers[0].pk], timezone.now(), time.monotonic())
         try:
@@ -96,40 +110,73 @@ def attempts_run(
             # The call was interrupted (the limit was raised inside it): its lock may go.
             _give_up(attempt, _stopped(attempt), None)
             raise Interrupted([attempt], limit) from None
-        return [attempt]
-    workers = max(1, min(len(providers), int(tokens_settings.REFRESH_CONCURRENCY)))
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokens-refresh")
-    started: list[Attempt] = []
-    begun = threading.Lock()
+        on_finished([attempt])
+        return
+    _Batch(providers, fences, deadline, held, on_finished, max(1, group)).run()
 
-    def job(provider: Provider) -> Attempt | None:
-        with begun:
-            if deadline is not None and time.monotonic() >= deadline:
-                return None  # not begun: the caller hands it on
-            attempt = Attempt(provider, fences[provider.pk], timezone.now(), time.monotonic())
-            attempt.thread = threading.current_thread()
-            started.append(attempt)
+
+# A finished call's token waits at most this long for others to share its store (seconds).
+FLUSH_AFTER = 0.1
+
+
+class _Batch:
+    """Several generator calls in flight together: at most TOKENS_HTTP_CONCURRENCY, and at most
+    TOKENS_HTTP_PER_HOST to one endpoint origin. Providers wait per origin and are begun round
+    robin over the origins that have a free slot, so a slow or saturated endpoint never takes
+    the threads that others could use. The calling thread begins calls, hands finished ones
+    on, and takes Celery's time limits."""
+
+    def __init__(
+        self,
+        providers: list[Provider],
+        fences: dict[int, int],
+        deadline: float | None,
+        held: dict[int, str] | None,
+        on_finished: Callable[[list[Attempt]], None],
+        group: int,
+    ) -> None:
+        self.fences, self.deadline, self.held = fences, deadline, held
+        self.on_finished, self.group = on_finished, group
+        self.total = max(1, int(tokens_settings.HTTP_CONCURRENCY))
+        self.per_host = max(1, int(tokens_settings.HTTP_PER_HOST))
+        self.waiting: OrderedDict[object, deque[Provider]] = OrderedDict()
+        for provider in providers:
+            self.waiting.setdefault(_origin(provider), deque()).append(provider)
+        self.running: Counter[object] = Counter()
+        self.in_flight = 0
+        self.started: list[Attempt] = []
+        self.done: list[Attempt] = []  # finished, not yet handed on
+        self.done_since: float | None = None
+        self.closed = False
+        self.changed = threading.Condition()
+        self.cancelled = False
+
+    def run(self) -> None:
+        grace = (
+            self.deadline + tokens_settings.seconds("HTTP_TIMEOUT")
+            if self.deadline is not None
+            else None
+        )
         try:
-            return _call(attempt)
-        finally:
-            connections.close_all()  # a callable may have opened one in this thread
-
-    futures = [pool.submit(job, provider) for provider in providers]
-    grace = deadline + tokens_settings.seconds("HTTP_TIMEOUT") if deadline is not None else None
-    try:
-        wait(futures, timeout=None if grace is None else max(0.0, grace - time.monotonic()))
-    except TIME_LIMITS as limit:
-        pool.shutdown(wait=False, cancel_futures=True)
-        with begun:
-            running = [a for a in started if a.finished is None]
-        for attempt in running:
-            _give_up(attempt, _stopped(attempt), held)
-        raise Interrupted([a for a in running if a.given_up], limit) from None
-    pool.shutdown(wait=False, cancel_futures=True)
-    with begun:
-        attempts = list(started)
-    for attempt in attempts:
-        if attempt.finished is None:
+            while True:
+                ready, over = self._next(grace)
+                if ready:
+                    self.on_finished(ready)
+                if over:
+                    break
+        except TIME_LIMITS as limit:
+            with self.changed:
+                self.cancelled = True  # a call not yet begun on its thread never begins
+                running = [a for a in self.started if a.finished is None]
+            for attempt in running:
+                _give_up(attempt, _stopped(attempt), self.held)
+            raise Interrupted([a for a in running if a.given_up], limit) from None
+        with self.changed:
+            self.cancelled = True
+            late = [a for a in self.started if a.finished is None]
+            # Finished since the last hand-on; a call ending from now on is in ``late``.
+            leftover, self.done, self.closed = self.done, [], True
+        for attempt in late:
             _give_up(
                 attempt,
                 GeneratorError(
@@ -138,9 +185,141 @@ def attempts_run(
                     transient=True,
                     retry_after=attempt.duration,
                 ),
-                held,
+                self.held,
             )
-    return attempts
+        if leftover or late:
+            self.on_finished(leftover + late)
+
+    def _next(self, grace: float | None) -> tuple[list[Attempt], bool]:
+        """Begin what may begin; then the attempts to hand on now, and whether the batch is
+        over (nothing waits or runs, or its grace has passed)."""
+        with self.changed:
+            while True:
+                now = time.monotonic()
+                if self.deadline is not None and now >= self.deadline:
+                    self.waiting.clear()  # not begun: the caller hands them on
+                while self._begin_one():
+                    pass
+                over = (not self.waiting and not self.in_flight) or (
+                    grace is not None and now >= grace
+                )
+                if self.done and (
+                    over
+                    or len(self.done) >= self.group
+                    or (self.done_since is not None and now - self.done_since >= FLUSH_AFTER)
+                ):
+                    ready, self.done, self.done_since = self.done, [], None
+                    return ready, over
+                if over:
+                    return [], True
+                wake = [] if grace is None else [grace]
+                if self.waiting and self.deadline is not None:
+                    wake.append(self.deadline)
+                if self.done_since is not None:
+                    wake.append(self.done_since + FLUSH_AFTER)
+                self.changed.wait(timeout=max(0.0, min(wake) - now) if wake else None)
+
+    def _begin_one(self) -> bool:
+        """Begin the next provider whose origin has a free slot (round robin); under the lock."""
+        if self.in_flight >= self.total:
+            return False
+        for origin in list(self.waiting):
+            if origin is not None and self.running[origin] >= self.per_host:
+                continue
+            queue = self.waiting[origin]
+            provider = queue.popleft()
+            if queue:
+                self.waiting.move_to_end(origin)
+            else:
+                del self.waiting[origin]
+            attempt = Attempt(provider, self.fences[provider.pk], timezone.now(), time.monotonic())
+            self.started.append(attempt)
+            self.running[origin] += 1
+            self.in_flight += 1
+            _threads().submit(self._job, attempt, origin)
+            return True
+        return False
+
+    def _job(self, attempt: Attempt, origin: object) -> None:
+        with attempt.lock:
+            if self.cancelled and attempt.given_up:
+                return  # given up before its thread took it: never begun
+            attempt.thread = threading.current_thread()
+        try:
+            _call(attempt)
+        except BaseException as error:  # the process stopping: not this call's to handle
+            with attempt.lock:
+                attempt.returned = True
+                if attempt.finished is None:
+                    attempt.finished = time.monotonic()
+                    attempt.error = GeneratorError(
+                        f"generator {attempt.provider.kind} stopped ({type(error).__name__})",
+                        transient=True,
+                    )
+        finally:
+            connections.close_all()  # a callable may have opened one in this thread
+            with self.changed:
+                self.running[origin] -= 1
+                self.in_flight -= 1
+                if not attempt.given_up and not self.closed:
+                    self.done.append(attempt)
+                    if self.done_since is None:
+                        self.done_since = time.monotonic()
+                self.changed.notify()
+
+
+class _Threads:
+    """This process's threads for generator calls, kept between batches (starting a thread
+    costs a GIL hand-over; a batch of 200 would pay it 200 times). A job runs on an idle
+    thread, or on a new one when none is idle: a call that never returns keeps its thread, and
+    the others are not fewer for it."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[object, ...]]] = (
+            queue.SimpleQueue()
+        )
+        self.lock = threading.Lock()
+        self.idle = 0
+        self.count = 0
+
+    def submit(self, function: Callable[..., None], *args: object) -> None:
+        with self.lock:
+            if self.idle:
+                self.idle -= 1  # that thread takes this job
+                self.jobs.put((function, args))
+                return
+            self.count += 1
+            name = f"tokens-refresh-{self.count}"
+        threading.Thread(target=self._serve, args=(function, args), name=name, daemon=True).start()
+
+    def _serve(self, function: Callable[..., None], args: tuple[object, ...]) -> None:
+        while True:
+            with contextlib.suppress(BaseException):  # a job records its own failure
+                function(*args)
+            with self.lock:
+                self.idle += 1
+            function, args = self.jobs.get()
+
+
+_thread_pool: list[_Threads] = []
+_thread_pool_lock = threading.Lock()
+
+
+def _threads() -> _Threads:
+    with _thread_pool_lock:
+        if not _thread_pool or _thread_pool[0].pid != os.getpid():
+            _thread_pool[:] = [_Threads()]  # a forked child has none of its parent's threads
+        return _thread_pool[0]
+
+
+def _origin(provider: Provider) -> object:
+    """The endpoint origin the provider's requests go to (None: unknown, not bounded here)."""
+    try:
+        url = get_generator(provider.kind).endpoint(provider)
+    except Exception:  # an unknown kind, a config or secret the kind cannot read
+        return None
+    return origin_of(url)
 
 
 def _call(attempt: Attempt) -> Attempt:
@@ -157,9 +336,11 @@ def _call(attempt: Attempt) -> Attempt:
             rotated = generated.refresh_token if generated else error and error.refresh_token
             if rotated:
                 refresh_token_store(provider=attempt.provider, fence=attempt.fence, value=rotated)
+            attempt.returned = True
             return attempt
         attempt.generated, attempt.error = generated, error
         _commit_rotation(attempt)
+        attempt.returned = True
     return attempt
 
 
@@ -202,7 +383,9 @@ def _give_up(attempt: Attempt, error: GeneratorError, held: dict[int, str] | Non
     if held is not None:
         held.pop(attempt.provider.pk, None)
     if attempt.thread is not None and attempt.thread is not threading.current_thread():
-        _abandoned[attempt.provider.pk] = attempt.thread
+        with attempt.lock:
+            if not attempt.returned:
+                _abandoned[attempt.provider.pk] = attempt
 
 
 def generator_call(*, provider: Provider) -> GeneratedToken:

@@ -48,9 +48,10 @@ def refresh_many(
     """``token_refresh`` for several providers, with the same guarantees, in few round trips.
 
     Locks are taken first (one Redis pipeline) and the providers read once, under them; their
-    versions are handed out in one statement. The generators then run TOKENS_REFRESH_CONCURRENCY
-    at a time (each HTTP call within its own deadline), so one slow endpoint costs the others
-    nothing; tokens are stored and cached per group of STORE_GROUP. A provider not yet begun
+    versions are handed out in one statement. The generators' requests are then in flight
+    together (TOKENS_HTTP_CONCURRENCY, at most TOKENS_HTTP_PER_HOST to one endpoint; each within
+    its own deadline), so one slow endpoint costs the others nothing; tokens are stored and
+    cached as they come, per group of up to STORE_GROUP. A provider not yet begun
     when ``deadline`` (monotonic) has passed is left out of the result: the caller hands it on.
     """
     results: dict[int, RefreshResult] = {}
@@ -99,7 +100,7 @@ def refresh_many(
                 )
         if due and (deadline is None or time.monotonic() < deadline):
             try:
-                results.update(_refresh_due(due, deadline, held))
+                _refresh_due(due, deadline, held, results)
             except Interrupted as stopped:
                 results.update(_record_failures(stopped.attempts))
                 _settle_pending(results)
@@ -181,40 +182,55 @@ def _skip_reason(provider: Provider, state: ProviderState, reason: Reason) -> Ou
 
 
 def _refresh_due(
-    providers: list[Provider], deadline: float | None, held: dict[int, str] | None
-) -> dict[int, RefreshResult]:
-    results: dict[int, RefreshResult] = {}
+    providers: list[Provider],
+    deadline: float | None,
+    held: dict[int, str] | None,
+    results: dict[int, RefreshResult],
+) -> None:
+    """Refresh ``providers``, adding each one's result to ``results`` as it comes (a time limit
+    that stops the batch keeps the results of those stored before it)."""
     running = still_running(provider_ids=[p.pk for p in providers])
     results.update((pid, RefreshResult(Outcome.IN_FLIGHT)) for pid in running)
     providers = [p for p in providers if p.pk not in running]
     if not providers:
-        return results
+        return
     fences = fences_next(provider_ids=[p.pk for p in providers])
     gone = [p for p in providers if p.pk not in fences]  # deleted since they were read
     results.update((p.pk, RefreshResult(Outcome.MISSING)) for p in gone)
-    attempts = attempts_run(
+
+    def finished(attempts: list[Attempt]) -> None:
+        # Stored (and cached, and announced) as they come: a slow endpoint in the batch never
+        # holds back the others' tokens.
+        results.update(_record_failures([a for a in attempts if a.generated is None]))
+        made = [a for a in attempts if a.generated is not None]
+        for start in range(0, len(made), STORE_GROUP):
+            _store_group(made[start : start + STORE_GROUP], results)
+
+    attempts_run(
         providers=[p for p in providers if p.pk in fences],
         fences=fences,
         deadline=deadline,
         held=held,
+        on_finished=finished,
+        group=STORE_GROUP,
     )
-    results.update(_record_failures([a for a in attempts if a.generated is None]))
-    made = [a for a in attempts if a.generated is not None]
-    for start in range(0, len(made), STORE_GROUP):
-        group = made[start : start + STORE_GROUP]
-        pending = [a for a in group if not a.committed]
-        late = iter(
-            tokens_store_many(
-                items=[(a.provider, a.fence, a.generated, a.attempted) for a in pending]  # type: ignore[misc]
-            )
+
+
+def _store_group(group: list[Attempt], results: dict[int, RefreshResult]) -> None:
+    """Store a group of new tokens in one transaction (those with a rotated refresh token are
+    committed already), cache them in one round trip, and report each."""
+    pending = [a for a in group if not a.committed]
+    late = iter(
+        tokens_store_many(
+            items=[(a.provider, a.fence, a.generated, a.attempted) for a in pending]  # type: ignore[misc]
         )
-        stored = [a.stored if a.committed else next(late) for a in group]
-        _cache_stored([(a.provider, token) for a, token in zip(group, stored, strict=True)])
-        for attempt, token in zip(group, stored, strict=True):
-            results[attempt.provider.pk] = _report_stored(
-                attempt.provider, attempt.fence, token, attempt.duration
-            )
-    return results
+    )
+    stored = [a.stored if a.committed else next(late) for a in group]
+    _cache_stored([(a.provider, token) for a, token in zip(group, stored, strict=True)])
+    for attempt, token in zip(group, stored, strict=True):
+        results[attempt.provider.pk] = _report_stored(
+            attempt.provider, attempt.fence, token, attempt.duration
+        )
 
 
 def _record_failures(attempts: list[Attempt]) -> dict[int, RefreshResult]:
