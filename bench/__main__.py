@@ -449,7 +449,93 @@ def throughput(report: Report, quick: bool) -> None:
         )
 
 
+def throughput_endpoint(report: Report, quick: bool) -> None:
+    """Figure 7 against the bench's token endpoint answering after 200 ms and after 1 s: one
+    task per provider (a prefork process waits out each request: processes / latency at most)
+    and the schedule's batches (a batch's requests in flight together)."""
+    from django.db import connection
+
+    from bench.endpoint import TokenEndpoint
+    from bench.scale import ENDPOINT_PORTS
+    from tokens.conf import tokens_settings
+    from tokens.constants import Reason
+    from tokens.models import Provider, ProviderState
+    from tokens.queue import batch_send, refresh_send
+
+    size = int(tokens_settings.DISPATCH_BATCH)
+    with TokenEndpoint(ports=ENDPOINT_PORTS) as endpoint:
+        for latency in (0.2, 1.0):
+            endpoint.set_latency(latency)
+            single = max(10, round((10 if quick else 20) * 2 / latency))  # ~10-20 s each way
+            batched = 400 if quick else 2000
+            for label, prefix, count in (
+                ("one task per provider", f"tpe{latency:g}", single),
+                (f"batches of {size}", f"tpbe{latency:g}", batched),
+            ):
+                providers = Provider.objects.bulk_create(
+                    [
+                        Provider(
+                            name=f"{prefix}-{i}",
+                            kind="oauth2_client_credentials",
+                            config={
+                                "token_url": endpoint.urls[i % ENDPOINT_PORTS],
+                                "client_id": f"{prefix}-{i}",
+                            },
+                            secret="bench-secret",
+                        )
+                        for i in range(count)
+                    ]
+                )
+                ProviderState.objects.bulk_create([ProviderState(provider=p) for p in providers])
+                ids = [p.pk for p in providers]
+                started = time.perf_counter()
+                if label.startswith("one"):
+                    for pk in ids:
+                        refresh_send(provider_id=pk, reason=Reason.MANUAL, after_commit=False)
+                else:
+                    for start in range(0, count, size):
+                        batch_send(provider_ids=ids[start : start + size], due=None)
+                deadline = time.monotonic() + 600
+                done = 0
+                while time.monotonic() < deadline:
+                    done = ProviderState.objects.filter(
+                        provider_id__in=ids, current_version__gt=0
+                    ).count()
+                    if done == count:
+                        break
+                    time.sleep(0.2)
+                elapsed = time.perf_counter() - started
+                report.add(
+                    f"7. refresh throughput, {connection.vendor}, worker prefork -c 2, {label}, "
+                    f"token endpoint answering after {latency * 1000:.0f} ms ({count} refreshes)",
+                    f"{done / elapsed:.0f} refreshes/s",
+                    f"{done} of {count} done; latency-bound: {2 / latency:.0f}/s",
+                    f"{done / elapsed / (2 / latency):.0f}× the latency bound",
+                    "batches: not bound by latency",
+                )
+
+
 # ---------------------------------------------------------------------------- main
+
+
+def large(report: Report, quick: bool, worker: subprocess.Popen[bytes] | None) -> None:
+    """Figure 9: 100,000 providers every 10 minutes on PostgreSQL (the schedule against the
+    token endpoint at 200 ms), and the operator surfaces at that size."""
+    from django.db import connection
+
+    from bench.scale import scale_endpoint
+
+    if connection.vendor != "postgresql" and not quick:
+        print("  9. skipped: 100,000 providers are measured on PostgreSQL (DATABASE_URL)")
+        return
+    assert worker is not None
+    count, every = (5_000, 60) if quick else (100_000, 600)
+    scale_endpoint(
+        report, worker, count=count, every=every, periods=1, latency=0.2, figure="9"
+    )
+    from bench.large import surfaces
+
+    surfaces(report, quick)
 
 
 def main() -> int:
@@ -457,7 +543,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes")
     parser.add_argument(
         "--figures",
-        default="1,2,3,4,5,6,7",
+        default="1,2,3,4,5,6,7,8,9",
         help="comma-separated figure numbers to measure (default: all)",
     )
     args = parser.parse_args()
@@ -499,7 +585,7 @@ def main() -> int:
             freshness(report, args.quick)
         if 6 in figures:
             memory_layer(report, args.quick)
-        if figures & {3, 4, 5, 6, 7}:
+        if figures & {3, 4, 5, 6, 7, 8, 9}:
             worker = start_worker()
         if 3 in figures:
             cold_first_token(report, args.quick)
@@ -507,13 +593,26 @@ def main() -> int:
             cold_burst(report)
         if 7 in figures:
             throughput(report, args.quick)
+            throughput_endpoint(report, args.quick)
         if 6 in figures:
             assert worker is not None
             process_memory(report, args.quick, worker)
+        if 8 in figures:  # before figure 5, which empties the database
+            from bench.peers import peers
+
+            peers(report, args.quick)
         if 5 in figures:
-            from bench.scale import scale
+            from bench.scale import scale, scale_endpoint
 
             scale(report, args.quick)
+            assert worker is not None
+            for latency in (0.2, 1.0):
+                count, every = (1_000, 10) if args.quick else (10_000, 60)
+                scale_endpoint(
+                    report, worker, count=count, every=every, periods=2, latency=latency
+                )
+        if 9 in figures:
+            large(report, args.quick, worker)
     finally:
         if worker is not None:
             processes.stop(worker, timeout=30)

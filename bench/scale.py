@@ -244,3 +244,166 @@ def beat_baseline(report: Report, quick: bool, count: int, every: int, tokens_cp
         f"tokens' beat uses {tokens_cpu / (cpu / ran):.1%} of that" if cpu else "—",
         "(the design not taken)",
     )
+
+
+# ---------------------------------------------------------------------------- with real endpoints
+
+# The bench's token endpoint listens on this many ports: origins, as TOKENS_HTTP_PER_HOST counts
+# them (10,000 providers of a deployment spread over a few issuers).
+ENDPOINT_PORTS = 10
+
+
+def worker_rss(worker: subprocess.Popen[bytes]) -> int:
+    import psutil
+
+    main = psutil.Process(worker.pid)
+    return sum(p.memory_info().rss for p in [main, *main.children(recursive=True)])
+
+
+def scale_endpoint(
+    report: Report,
+    worker: subprocess.Popen[bytes],
+    *,
+    count: int,
+    every: int,
+    periods: int,
+    latency: float,
+    figure: str = "5",
+) -> None:
+    """``count`` oauth2_client_credentials providers at one interval against the bench's token
+    endpoint answering after ``latency`` seconds. Every scheduled due time must see a new token
+    stored within its period; lateness is from the due time to that token's store, so it
+    includes the endpoint's latency. Measured from a few seconds after the start (the first
+    runs are already spread over the interval by each provider's phase), with a tail of 10 %
+    of the interval for the last due times (a run later than that misses the target anyway)."""
+    from django.db import connection
+
+    from bench.endpoint import TokenEndpoint
+    from tokens.conf import tokens_settings
+    from tokens.models import Provider, ProviderState, Token
+    from tokens.services import schedule
+
+    fresh_database()
+    interval = timedelta(seconds=every)
+    with TokenEndpoint(latency=latency, ports=ENDPOINT_PORTS, lifetime=3600) as endpoint:
+        providers: list[Provider] = []
+        for start in range(0, count, 5000):
+            providers += Provider.objects.bulk_create(
+                [
+                    Provider(
+                        name=f"sc-{i}",
+                        kind="oauth2_client_credentials",
+                        config={
+                            "token_url": endpoint.urls[i % ENDPOINT_PORTS],
+                            "client_id": f"sc-{i}",
+                        },
+                        secret="bench-secret",
+                        refresh_interval=interval,
+                    )
+                    for i in range(start, min(count, start + 5000))
+                ],
+                batch_size=1000,
+            )
+        schedule.next_runs_sync_all()
+        first_due = {
+            pk: due.timestamp()
+            for pk, due in ProviderState.objects.values_list("provider_id", "next_run_at")
+        }
+        started = time.time()
+        beat = start_beat("beat-endpoint")
+        rss: list[int] = []
+        try:
+            warmup = 5.0
+            window = (started + warmup, started + warmup + every * periods)
+            tail = every * 0.1
+            while time.time() < window[1] + tail:
+                time.sleep(min(5.0, max(0.0, window[1] + tail - time.time())))
+                rss.append(worker_rss(worker))
+            beat_cpu = cpu_seconds(beat)
+        finally:
+            stop(beat)
+        requests = endpoint.requests()
+        ran = time.time() - started
+        stores: dict[int, list[float]] = {}
+        for pk, issued in Token.objects.values_list("provider_id", "issued_at").iterator(
+            chunk_size=10_000
+        ):
+            stores.setdefault(pk, []).append(issued.timestamp())
+        tick = dispatch_cost(count=count, every=every)  # after the snapshot: it refreshes some
+    lateness, missed, extra, dues = [], 0, 0, 0
+    for pk, first in first_due.items():
+        mine = sorted(stores.get(pk, []))
+        due = first
+        while due < window[0]:
+            due += every
+        while due < window[1]:
+            dues += 1
+            inside = [at for at in mine if due <= at < due + every]
+            if inside:
+                lateness.append(inside[0] - due)
+                extra += len(inside) - 1
+            else:
+                missed += 1
+            due += every
+    p99 = statistics.quantiles(lateness, n=100)[98] if len(lateness) > 1 else float("nan")
+    p50 = statistics.median(lateness) if lateness else float("nan")
+    report.add(
+        f"{figure}. scale: {count:,} providers every {every} s against a token endpoint answering "
+        f"after {latency * 1000:.0f} ms ({ENDPOINT_PORTS} ports), one beat, worker prefork -c 2, "
+        f"{connection.vendor} ({dues:,} scheduled runs in {periods} period(s))",
+        f"lateness p99 {p99:.2f} s (due → new token stored)",
+        f"p50 {p50:.2f} s; {missed} missed, {extra} extra; {requests:,} token requests in "
+        f"{ran:.0f} s",
+        f"{p99 / every:.1%} of the interval",
+        "p99 ≤ 10 % of the interval, none missed",
+    )
+    report.add(
+        f"{figure}. scale: worker RSS during the {latency * 1000:.0f} ms run (main process + "
+        f"2 prefork children; TOKENS_HTTP_CONCURRENCY {tokens_settings.HTTP_CONCURRENCY}, "
+        f"TOKENS_DISPATCH_BATCH {tokens_settings.DISPATCH_BATCH})",
+        f"max {max(rss) / 2**20:.0f} MiB",
+        f"median {statistics.median(rss) / 2**20:.0f} MiB",
+        "—",
+        "report",
+    )
+    report.add(
+        f"{figure}. scale: dispatcher cost per tick ({count:,} providers every {every} s, "
+        f"{connection.vendor})",
+        f"{tick[1] * 1000:.1f} ms to claim and send {tick[0]:,} due (median of 5)",
+        f"beat's check per tick {tick[2] * 1000:.2f} ms; beat {beat_cpu / ran:.2%} of a core",
+        "—",
+        "report",
+    )
+
+
+def dispatch_cost(*, count: int, every: int) -> tuple[int, float, float]:
+    """One tick's work at this size, timed here (the beat and worker ran it in the run): beat's
+    "is anything due" query, and the dispatcher's claim and send of a tick's share of the
+    providers (count / every of them, made due now)."""
+    import math
+
+    from django.utils import timezone
+
+    from tokens import selectors
+    from tokens.models import ProviderState
+    from tokens.services import schedule
+
+    share = math.ceil(count / every)
+    claims, checks = [], []
+    for _ in range(5):
+        ids = list(
+            ProviderState.objects.order_by("next_run_at").values_list("provider_id", flat=True)[
+                :share
+            ]
+        )
+        ProviderState.objects.filter(provider_id__in=ids).update(
+            next_run_at=timezone.now() - timedelta(seconds=1)
+        )
+        began = time.perf_counter()
+        selectors.schedule_has_due()
+        checks.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        sent = schedule.due_dispatch()
+        claims.append(time.perf_counter() - began)
+        assert sum(len(batch) for batch in sent) >= share
+    return share, statistics.median(claims), statistics.median(checks)
