@@ -2,7 +2,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from celery.utils.saferepr import saferepr
 from celery.utils.serialization import jsonify, strtobool
 from celery.worker import control  # Celery's own remote-control commands, registered first
@@ -13,6 +13,18 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 app = Celery("project")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@signals.task_prerun.connect
+@signals.task_postrun.connect
+def close_stale_connections(sender: Any = None, **kwargs: Any) -> None:
+    """Around each task, what Django does around each request: close a connection past
+    CONN_MAX_AGE, unusable (CONN_HEALTH_CHECKS) or left in a transaction; keep the others
+    (settings.CELERY_DB_REUSE_MAX stops Celery's fixup from closing them all)."""
+    if not getattr(getattr(sender, "request", None), "is_eager", False):
+        from django.db import close_old_connections
+
+        close_old_connections()
 
 
 @app.task(name="project.ping")

@@ -144,6 +144,12 @@ CELERY_ENABLE_UTC = True
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=30)
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=60)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Celery's Django fixup closes every database connection before and after each task unless this
+# is set (celery/celery#9824): a cold first token then paid a new connection (PostgreSQL: a
+# server process and authentication, several ms). With it set, tasks keep their connection like
+# requests do: project/celery.py applies CONN_MAX_AGE and CONN_HEALTH_CHECKS around each task
+# (Django's close_old_connections), and the fixup closes it anyway every this many tasks.
+CELERY_DB_REUSE_MAX = 1000
 # Keep every countdown, time limit and lock TTL well below this (redelivery of held messages).
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_WORKER_SEND_TASK_EVENTS = True

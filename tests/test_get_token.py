@@ -150,17 +150,17 @@ def test_get_token__token_stored_between_read_and_wait_is_not_missed(
     counted_provider()
     memory.listener.ensure_running()
     memory.listener.connected.wait(5)
-    original = selectors.current_token
+    original = selectors.provider_for_reading_with_state
     calls = []
 
-    def read_then_store(*, provider: Provider) -> Token | None:
-        token = original(provider=provider)
+    def read_then_store(*, name: str) -> Provider:
+        provider = original(name=name)
         if not calls:
             calls.append(1)  # the miss is read; a refresh stores before the caller waits
             refresh.token_refresh(provider_id=provider.pk, reason=Reason.MANUAL)
-        return token
+        return provider
 
-    monkeypatch.setattr(selectors, "current_token", read_then_store)
+    monkeypatch.setattr(selectors, "provider_for_reading_with_state", read_then_store)
     assert get_token("api", timeout=20) == "api-token-1"
 
 

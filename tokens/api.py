@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, connection, connections
@@ -27,10 +27,15 @@ from tokens.exceptions import CacheUnavailable, ProviderDisabled, TokenUnavailab
 from tokens.services import invalidation, refresh
 from tokens.status import fails_fast
 
+if TYPE_CHECKING:
+    from tokens.models import ProviderState
+
 logger = logging.getLogger(__name__)
 
 # How long past a retry's due time a reader waits for it (a countdown's start can be late).
 RETRY_GRACE = 0.5
+# First re-check of a reader waiting on a failing provider's running refresh (then doubling).
+RUNNING_RECHECK = 0.05
 # Provider.name's max_length: a longer name names no provider.
 MAX_NAME_LENGTH = 100
 
@@ -151,6 +156,9 @@ class _Reader:
         self.deadline = deadline  # it, or sooner while only a retry due in a moment can help
         self.provider_id: int | None = None
         self.problems: list[str] = []
+        # The provider's state, when the last read found it failing and waits only because a
+        # refresh runs: re-checks decide again from it (Redis only) once that lock is gone.
+        self.failing_state: ProviderState | None = None
 
     def read(self, *, database: bool = True) -> tuple[str, str] | None:
         """A valid token and its type from Redis or (with ``database``) the database, or None
@@ -167,11 +175,20 @@ class _Reader:
             self._remember(cached, now, generation)
             return cached.value, cached.token_type
         if not database and self.provider_id is not None:
+            if self.failing_state is not None:
+                self._fail_fast(self.provider_id, self.failing_state)
             self._request_refresh()
             return None
         try:
-            provider = selectors.provider_for_reading(name=self.name)
-            token = selectors.current_token(provider=provider)
+            provider = selectors.provider_for_reading_with_state(name=self.name)
+            state = provider.state_or_none
+            # Versions start at 1: while the current one is 0 no token was ever stored (a cold
+            # start), and there is nothing to look up.
+            token = (
+                selectors.current_token(provider=provider)
+                if state is not None and state.current_version
+                else None
+            )
         except (UnknownProvider, ProviderDisabled):
             raise
         except DatabaseError:
@@ -179,11 +196,8 @@ class _Reader:
             return None
         self.provider_id = provider.pk
         if token is None:
-            try:
-                self._fail_fast(provider.pk)
-            except DatabaseError:
-                self._problem("database unavailable")
-            self._request_refresh()
+            self._fail_fast(provider.pk, state)
+            self._request_refresh(failing=state is not None and state.consecutive_failures > 0)
             return None
         cached = CachedToken.from_row(token)
         with contextlib.suppress(CacheUnavailable):  # put back for the next reader
@@ -191,11 +205,11 @@ class _Reader:
         self._remember(cached, now, generation)
         return cached.value, cached.token_type
 
-    def _fail_fast(self, provider_id: int) -> None:
+    def _fail_fast(self, provider_id: int, state: ProviderState | None) -> None:
         """Raise TokenUnavailable now when waiting cannot help: the grant is gone (reconnect
         needed), or status.fails_fast, unless a refresh runs or an operator just asked for one
-        (bring a far retry closer first). One read of the provider's state."""
-        state = selectors.provider_state(provider_id=provider_id)
+        (bring a far retry closer first). Decides from ``state`` as read with the provider."""
+        self.failing_state = None
         if state is not None and state.reconnect_needed:
             # Nothing will come until a person connects the account again: say so now.
             metrics.UNAVAILABLE.labels(self.name, "reconnect").inc()
@@ -209,7 +223,10 @@ class _Reader:
             return
         try:
             if locks.refresh_expected(provider_id):
-                return  # a refresh runs (or was just asked for): wait for it, as long as asked
+                # A refresh runs (or was just asked for): wait for it, as long as asked. A
+                # failed refresh announces it moments before its lock goes: look again soon.
+                self.failing_state = state
+                return
         except CacheUnavailable:
             pass
         if not fails_fast(state, now=now, deadline=deadline):
@@ -239,8 +256,9 @@ class _Reader:
         if _listener.generation(self.name) == generation:  # no news arrived while we read
             _memory[self.name] = (cached.value, until, cached.version, cached.token_type)
 
-    def _request_refresh(self) -> None:
-        """Ask for a refresh unless one was asked for already (fleet-wide, by a Redis claim)."""
+    def _request_refresh(self, *, failing: bool | None = None) -> None:
+        """Ask for a refresh unless one was asked for already (fleet-wide, by a Redis claim);
+        ``failing``: whether its last refresh failed, when the caller read its state."""
         if self.provider_id is None:
             return
         try:
@@ -249,10 +267,11 @@ class _Reader:
         except CacheUnavailable:
             self._problem("Redis unavailable")
             return
-        try:
-            failing = selectors.provider_is_failing(provider_id=self.provider_id)
-        except DatabaseError:
-            failing = False
+        if failing is None:
+            try:
+                failing = selectors.provider_is_failing(provider_id=self.provider_id)
+            except DatabaseError:
+                failing = False
         try:
             # Now, without the broker's publish retries: a reader is waiting.
             queue.refresh_send(
@@ -296,6 +315,7 @@ def _get_token_slow(name: Any, timeout: Any) -> tuple[str, str]:
     # between our read and our wait still wakes us.
     waited = False
     database = True
+    soon = RUNNING_RECHECK
     with _listener.waiter(name) as woken:
         while True:
             woken.clear()
@@ -318,7 +338,11 @@ def _get_token_slow(name: Any, timeout: Any) -> tuple[str, str]:
                 recheck = 0.1
             else:
                 recheck = tokens_settings.seconds("WAIT_RECHECK")
+                if reader.failing_state is not None:
+                    recheck, soon = min(recheck, soon), soon * 2
             notified = woken.wait(min(remaining, recheck))
+            if notified:
+                soon = RUNNING_RECHECK
             # While notifications flow, re-checks read Redis only: a store always reaches
             # Redis before its notification. A notification (the provider changed?) or a lost
             # channel sends the next read to the database too.

@@ -31,6 +31,17 @@ def provider_for_reading(*, name: str) -> Provider:
     return provider
 
 
+def provider_for_reading_with_state(*, name: str) -> Provider:
+    """provider_for_reading(), with the provider's refresh state (``state_or_none``) read in the
+    same query: get_token()'s cold path decides from it, in one round trip."""
+    provider = Provider.objects.select_related("refresh_state").filter(name=name).first()
+    if provider is None:
+        raise UnknownProvider(name)
+    if not provider.enabled:
+        raise ProviderDisabled(name)
+    return provider
+
+
 def current_token(*, provider: Provider) -> Token | None:
     """The provider's current token if it is still valid (never an expired or voided one)."""
     current = ProviderState.objects.filter(provider_id=provider.pk).values_list(

@@ -13,7 +13,7 @@ import logging
 from datetime import datetime
 
 from django.db import connections, router, transaction
-from django.db.models import OuterRef, Subquery
+from django.db.models import Case, F, OuterRef, Subquery, Value, When
 from django.utils import timezone
 
 from tokens.conf import tokens_settings
@@ -68,6 +68,14 @@ def tokens_store_many(
             )
             if generated.refresh_token:
                 _refresh_token_store(provider, fence, generated.refresh_token)
+            changes: dict[str, object] = {}
+            if generated.expires_at is not None:
+                # The schedule refreshes it before it stops being handed out, whatever the
+                # interval (an interval longer than a token's life must not let it lapse).
+                due = generated.expires_at - refresh_lead(generated.expires_at - now)
+                changes["next_run_at"] = Case(
+                    When(next_run_at__gt=due, then=Value(due)), default=F("next_run_at")
+                )
             updated = ProviderState.objects.filter(
                 provider_id=provider.pk, current_version__lt=fence
             ).update(
@@ -81,17 +89,11 @@ def tokens_store_many(
                 permanent_error=False,
                 reconnect_needed=False,
                 fingerprint=token.fingerprint,
+                **changes,
             )
             if not updated:
                 results.append(None)
                 continue
-            if generated.expires_at is not None:
-                # The schedule refreshes it before it stops being handed out, whatever the
-                # interval (an interval longer than a token's life must not let it lapse).
-                due = generated.expires_at - refresh_lead(generated.expires_at - now)
-                ProviderState.objects.filter(provider_id=provider.pk, next_run_at__gt=due).update(
-                    next_run_at=due
-                )
             state = provider.state_or_none
             if state is not None and token.fingerprint == state.fingerprint:
                 # The issuer handed back the token we had: refreshing earlier gains nothing.
@@ -104,7 +106,9 @@ def tokens_store_many(
             results.append(token)
         if won:
             Token.objects.bulk_create(won)
-            history_prune(provider_ids=[token.provider_id for token in won])
+            # A provider's versions are distinct, and the one just stored is its highest: while
+            # that is within the history, there is nothing to prune (its first refreshes).
+            history_prune(provider_ids=[t.provider_id for t in won if t.version > _history()])
     return results
 
 
@@ -139,9 +143,15 @@ def provider_uses_refresh_token(provider: Provider) -> bool:
     return generator is not None and generator.uses_refresh_token
 
 
+def _history() -> int:
+    return max(1, int(tokens_settings.HISTORY))
+
+
 def history_prune(*, provider_ids: list[int]) -> None:
     """Keep each provider's newest TOKENS_HISTORY tokens, in one statement."""
-    keep = max(1, int(tokens_settings.HISTORY))
+    if not provider_ids:
+        return
+    keep = _history()
     oldest_kept = (
         Token.objects.filter(provider_id=OuterRef("provider_id"))
         .order_by("-version")
