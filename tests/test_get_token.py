@@ -80,6 +80,10 @@ def test_get_token__bad_arguments(name: object, timeout: object, error: type[Exc
 
 def test_get_token__reads_redis_then_keeps_it_in_memory(redis_client: redis.Redis) -> None:
     refreshed()
+    # Listening first: a read that overlaps the listener's (re)connection is not kept, since
+    # anything may have changed unheard (the generation moves on the subscription).
+    memory.listener.ensure_running()
+    assert memory.listener.connected.wait(5)
     assert get_token("api") == "api-token-1"
     assert memory.memory["api"][0] == "api-token-1"
     redis_client.delete("tokens:tok:api")  # behind its back: memory still answers
