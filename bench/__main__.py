@@ -530,9 +530,7 @@ def large(report: Report, quick: bool, worker: subprocess.Popen[bytes] | None) -
         return
     assert worker is not None
     count, every = (5_000, 60) if quick else (100_000, 600)
-    scale_endpoint(
-        report, worker, count=count, every=every, periods=1, latency=0.2, figure="9"
-    )
+    scale_endpoint(report, worker, count=count, every=every, periods=1, latency=0.2, figure="9")
     from bench.large import surfaces
 
     surfaces(report, quick)
@@ -608,9 +606,7 @@ def main() -> int:
             assert worker is not None
             for latency in (0.2, 1.0):
                 count, every = (1_000, 10) if args.quick else (10_000, 60)
-                scale_endpoint(
-                    report, worker, count=count, every=every, periods=2, latency=latency
-                )
+                scale_endpoint(report, worker, count=count, every=every, periods=2, latency=latency)
         if 9 in figures:
             large(report, args.quick, worker)
     finally:

@@ -194,6 +194,8 @@ TOKENS_CALLABLES = env.list("TOKENS_CALLABLES", default=[])
 # /tokens/health/ and /tokens/metrics: "open", "staff" or "key" (Authorization: Bearer <key>).
 TOKENS_MONITORING_ACCESS = env.str("TOKENS_MONITORING_ACCESS", default="staff")
 TOKENS_MONITORING_KEY = env.str("TOKENS_MONITORING_KEY", default="")
+# /tokens/metrics with a series per provider (fine for tens of providers, not 100,000).
+TOKENS_METRICS_PER_PROVIDER = env.bool("TOKENS_METRICS_PER_PROVIDER", default=False)
 TOKENS_FLOWER_URL = env.str("TOKENS_FLOWER_URL", default="")
 # The public base URL of this site, for the redirect URI of "Connect" ("" = from the request).
 TOKENS_PUBLIC_URL = env.str("TOKENS_PUBLIC_URL", default="")

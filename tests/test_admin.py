@@ -161,8 +161,7 @@ STATES = ["ok", "refreshing", "failing", "expired", "never", "disabled"]
 def test_list__badge_and_filter_for_every_state(staff: Client) -> None:
 
     providers = {status: provider_in_state(f"p-{status}", status) for status in STATES}
-    lock = locks.lock(providers["refreshing"].pk)
-    assert lock.acquire()
+    held = locks.locks_acquire([providers["refreshing"].pk])
     try:
         page = staff.get("/admin/tokens/provider/").content.decode()
         for status in STATES:
@@ -172,7 +171,64 @@ def test_list__badge_and_filter_for_every_state(staff: Client) -> None:
             names = [p.name for p in response.context["cl"].result_list]
             assert names == [f"p-{status}"], (status, names)
     finally:
-        lock.release()
+        locks.locks_release(held)
+
+
+@pytest.mark.parametrize(
+    ("query", "first", "last", "count"),
+    [
+        ("", "p-000", "p-099", 100),
+        ("?p=3", "p-200", "p-249", 50),  # the last page
+        ("?status=ok&p=2", "p-100", "p-200", 100),  # p-120 is refreshing, not ok
+        ("?o=-1&p=3", "p-049", "p-000", 50),  # by name, descending
+        ("?q=p-1", "p-100", "p-199", 100),
+    ],
+)
+def test_list__any_page_costs_a_fixed_number_of_queries_and_one_redis_read(
+    staff: Client,
+    redis_client,
+    django_assert_max_num_queries,
+    query: str,
+    first: str,
+    last: str,
+    count: int,
+) -> None:
+    """At 100,000 providers: a deep page reads its ids, then its rows (not every row before
+    them), and the badges' "refreshing" is read once for the page, not once per row."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    now = timezone.now()
+    providers = Provider.objects.bulk_create(
+        [Provider(name=f"p-{i:03d}", kind="static", secret="x") for i in range(250)]
+    )
+    ProviderState.objects.bulk_create(
+        [
+            ProviderState(
+                provider=p, current_version=1, last_refresh_at=now, expires_at=now + timedelta(1)
+            )
+            for p in providers
+        ]
+    )
+    held = locks.locks_acquire([providers[120].pk])
+    try:
+        redis_client.config_resetstat()
+        with django_assert_max_num_queries(7) as queries:
+            response = staff.get(f"/admin/tokens/provider/{query}")
+        stats = redis_client.info("commandstats")
+    finally:
+        locks.locks_release(held)
+    names = [p.name for p in response.context["cl"].result_list]
+    assert (names[0], names[-1], len(names)) == (first, last, count)
+    # The page's badges: one read for 100 rows (and one for the status filter's refreshing).
+    assert stats["cmdstat_mget"]["calls"] <= 2
+    # The query that slices the list (none when it fits on one page) reads only the ids.
+    for sql in [q["sql"] for q in queries.captured_queries if "OFFSET" in q["sql"]]:
+        columns = sql.split(" FROM ")[0]
+        assert columns.startswith('SELECT "tokens_provider"."id"') and "," not in columns, sql
+    page = response.content.decode()
+    assert ("tokens-status-refreshing" in page) == ("p-120" in names and "status=ok" not in query)
 
 
 def test_change__refresh_now_button_queues_a_refresh(

@@ -83,6 +83,9 @@ DEFAULTS: dict[str, Any] = {
     # with "Authorization: Bearer <TOKENS_MONITORING_KEY>").
     "MONITORING_ACCESS": "staff",
     "MONITORING_KEY": "",
+    # /tokens/metrics with a series per provider: the counters' "provider" label filled in, and
+    # four gauges per enabled provider. Off: a few series whatever the number of providers.
+    "METRICS_PER_PROVIDER": False,
     # Flower's base URL, for links from admin ("" for no links).
     "FLOWER_URL": "",
     # The site's public base URL (https://tokens.example.com), for the redirect URI of "Connect"

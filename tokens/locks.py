@@ -9,6 +9,7 @@ by TOKENS_LOCK_TTL if their holder dies. Claims (``pending``, ``inval``, ``manua
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 from redis.lock import Lock
@@ -18,11 +19,23 @@ from tokens.redis_client import best_effort, client, key, run_script, translated
 
 logger = logging.getLogger("tokens")
 
-# Delete a lock only if it still holds our token (redis-py's Lock does the same, one at a time).
+# Delete a lock only if it still holds our token (redis-py's Lock does the same, one at a time),
+# and take it out of the index of held locks.
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return redis.call('DEL', KEYS[1])
+end
 return 0
 """
+
+
+def _held_index() -> str:
+    """A sorted set of the providers whose lock ``locks_acquire`` took, scored by when the lock
+    expires (Unix ms): who is refreshing, found without scanning every key. Its size is the
+    number of refreshes in flight (an entry outlives its lock only if its holder died, until
+    its score passes)."""
+    return key("locks", "held")
 
 
 def lock(provider_id: int) -> Lock:
@@ -39,11 +52,17 @@ def locks_acquire(provider_ids: list[int]) -> dict[int, str]:
     CacheUnavailable when Redis is unreachable."""
     ttl_ms = int(tokens_settings.seconds("LOCK_TTL") * 1000)
     wanted = {pid: uuid.uuid4().hex for pid in provider_ids}
+    if not wanted:
+        return {}
     with translated():
         pipe = client().pipeline(transaction=False)
         for pid, token in wanted.items():
             pipe.set(key("lock", pid), token, nx=True, px=ttl_ms)
-        taken = pipe.execute()
+        # Indexed in the same round trip; a lock held by somebody else is indexed already,
+        # and readers check each entry's lock (locks_held_ids).
+        expires_ms = int(time.time() * 1000) + ttl_ms
+        pipe.zadd(_held_index(), {str(pid): expires_ms for pid in wanted})
+        *taken, _ = pipe.execute()
     return {pid: token for (pid, token), ok in zip(wanted.items(), taken, strict=True) if ok}
 
 
@@ -55,7 +74,8 @@ def locks_release(held: dict[int, str]) -> None:
     with best_effort("release refresh locks"):
         script = client().register_script(_RELEASE)
         released = run_script(
-            script, [([key("lock", pid)], [token]) for pid, token in held.items()]
+            script,
+            [([key("lock", pid), _held_index()], [token, pid]) for pid, token in held.items()],
         )
         for pid, ok in zip(held, released, strict=True):
             if not ok:
@@ -74,15 +94,16 @@ def locks_held(provider_ids: list[int]) -> list[bool]:
 
 
 def locks_held_ids() -> set[int]:
-    """Ids of the providers whose refresh lock is held now (empty when Redis is unreachable)."""
-    prefix = key("lock", "")
-    ids: set[int] = set()
+    """Ids of the providers whose refresh lock ``locks_acquire`` took is held now (empty when
+    Redis is unreachable): two round trips, however many keys Redis holds."""
     with best_effort("read refresh locks"):
-        for name in client().scan_iter(match=f"{prefix}*", count=1000):
-            suffix = name.decode().removeprefix(prefix)
-            if suffix.isdigit():
-                ids.add(int(suffix))
-    return ids
+        pipe = client().pipeline(transaction=False)
+        pipe.zremrangebyscore(_held_index(), "-inf", int(time.time() * 1000))
+        pipe.zrange(_held_index(), 0, -1)
+        _, members = pipe.execute()
+        candidates = [int(member) for member in members]
+        return {pid for pid, held in zip(candidates, locks_held(candidates), strict=True) if held}
+    return set()
 
 
 def pending_claim(provider_id: int) -> bool:

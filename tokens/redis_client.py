@@ -5,6 +5,7 @@ Keys (prefix TOKENS_REDIS_PREFIX, default "tokens"):
   <p>:tok:<name>      encrypted JSON of the current token (and its name), TTL until its expiry
   <p>:ver:<name>      highest version written for <name> (no TTL): fences late, older writers
   <p>:lock:<id>       refresh lock, TTL TOKENS_LOCK_TTL
+  <p>:locks:held      the held refresh locks' provider ids, scored by expiry (Unix ms)
   <p>:pending:<id>    a refresh was requested by a reader, TTL TOKENS_PENDING_TTL
   <p>:inval:<id>      the token was voided by invalidate_token(), TTL TOKENS_INVALIDATE_COOLDOWN
   <p>:manual:<id>     an operator asked for a refresh, TTL TOKENS_HTTP_TIMEOUT

@@ -5,9 +5,10 @@ look at."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db.models import F, TextField
+from django.db.models import Count, F, Min, Q, TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
@@ -15,7 +16,17 @@ from django_celery_beat.models import PeriodicTask
 from tokens.constants import DISPATCH_ENTRY
 from tokens.exceptions import ProviderDisabled, UnknownProvider
 from tokens.models import Provider, ProviderState, Token
-from tokens.status import has_valid_token, refreshing_ids, status_of
+from tokens.status import (
+    Status,
+    has_valid_token,
+    makes_unhealthy_q,
+    needs_attention_q,
+    refreshing_all,
+    refreshing_ids,
+    status_of,
+    status_q,
+    valid_q,
+)
 
 # A provider whose scheduled run is older than this was not claimed: beat or the workers are down.
 OVERDUE_AFTER = timedelta(seconds=60)
@@ -64,14 +75,6 @@ def providers_for_refresh(*, provider_ids: list[int]) -> dict[int, Provider]:
     }
 
 
-def providers_with_state(*, enabled: bool | None = None) -> list[Provider]:
-    """Every provider (or every enabled or disabled one) with its state, by name."""
-    providers = Provider.objects.select_related("refresh_state").order_by("name")
-    if enabled is not None:
-        providers = providers.filter(enabled=enabled)
-    return list(providers)
-
-
 def provider_is_failing(*, provider_id: int) -> bool:
     """Whether the provider's last refresh failed."""
     return ProviderState.objects.filter(
@@ -104,10 +107,57 @@ def provider_token_values(*, provider: Provider) -> list[str]:
     return [token.value for token in Token.objects.filter(provider=provider)]
 
 
-def provider_report(*, now: datetime | None = None) -> list[dict[str, object]]:
-    """Per-provider status for monitoring: never a token, a fingerprint or a secret."""
+@dataclass(frozen=True)
+class ProviderSummary:
+    """Every provider counted (health, metrics): never a name."""
+
+    total: int
+    by_status: dict[Status, int]
+    needing_attention: int  # status.needs_attention
+    unhealthy: int  # status.makes_unhealthy
+    soonest_expiry: datetime | None  # among enabled providers' valid tokens
+
+
+def provider_summary(*, now: datetime | None = None) -> ProviderSummary:
+    """Every provider counted by status, and the soonest expiry, in one pass over the table."""
     now = now or timezone.now()
-    providers = providers_with_state()
+    refreshing = refreshing_all()
+    by_status = {
+        status.value: Count("pk", filter=status_q(status, refreshing=refreshing, now=now))
+        for status in Status
+    }
+    row = Provider.objects.aggregate(
+        total=Count("pk"),
+        needing_attention=Count("pk", filter=needs_attention_q(now)),
+        unhealthy=Count("pk", filter=makes_unhealthy_q(now)),
+        soonest_expiry=Min("refresh_state__expires_at", filter=Q(enabled=True) & valid_q(now)),
+        **by_status,
+    )
+    return ProviderSummary(
+        total=row["total"],
+        by_status={status: row[status.value] for status in Status},
+        needing_attention=row["needing_attention"],
+        unhealthy=row["unhealthy"],
+        soonest_expiry=row["soonest_expiry"],
+    )
+
+
+def providers_needing_attention(*, limit: int, now: datetime | None = None) -> list[Provider]:
+    """The first ``limit`` providers by name that need attention (``needs_attention``), with
+    their state."""
+    return list(
+        Provider.objects.select_related("refresh_state")
+        .filter(needs_attention_q(now or timezone.now()))
+        .order_by("name")[:limit]
+    )
+
+
+def provider_report(
+    *, providers: list[Provider], now: datetime | None = None
+) -> list[dict[str, object]]:
+    """What monitoring shows of each of ``providers`` (read with their state): never a token,
+    a fingerprint or a secret."""
+    now = now or timezone.now()
     refreshing = refreshing_ids(p.pk for p in providers)
     report: list[dict[str, object]] = []
     for provider in providers:
@@ -135,6 +185,13 @@ def provider_report(*, now: datetime | None = None) -> list[dict[str, object]]:
             }
         )
     return report
+
+
+def providers_enabled_with_state() -> Iterator[Provider]:
+    """Every enabled provider with its state, by name, streamed in chunks (not held in memory
+    all at once)."""
+    providers = Provider.objects.filter(enabled=True).select_related("refresh_state")
+    return providers.order_by("name").iterator(chunk_size=2_000)
 
 
 def schedule_has_due(*, now: datetime | None = None) -> bool:

@@ -34,7 +34,8 @@ def has_valid_token(state: ProviderState | None, now: datetime) -> bool:
     return state.expires_at is None or state.expires_at > now
 
 
-def _valid_q(now: datetime) -> Q:
+def valid_q(now: datetime) -> Q:
+    """``has_valid_token`` as a filter on providers."""
     return Q(refresh_state__last_refresh_at__isnull=False) & (
         Q(refresh_state__expires_at__isnull=True) | Q(refresh_state__expires_at__gt=now)
     )
@@ -65,26 +66,58 @@ _NEVER_Q = Q(refresh_state__isnull=True) | Q(
 )
 
 
+def status_q(status: Status, *, refreshing: set[int], now: datetime) -> Q:
+    """``status_of`` as a filter on providers, in the same order of precedence (disabled,
+    refreshing, reconnect, failing, ok, never, expired)."""
+    if status == Status.DISABLED:
+        return Q(enabled=False)
+    if status == Status.REFRESHING:
+        return Q(enabled=True, pk__in=refreshing)
+    enabled = Q(enabled=True) & ~Q(pk__in=refreshing)
+    if status == Status.RECONNECT:
+        return enabled & _RECONNECT_Q
+    if status == Status.FAILING:
+        return enabled & _FAILING_Q & ~_RECONNECT_Q
+    if status == Status.OK:
+        return enabled & valid_q(now) & ~_FAILING_Q
+    if status == Status.NEVER:
+        return enabled & _NEVER_Q & ~_FAILING_Q & ~valid_q(now)
+    return enabled & ~_FAILING_Q & ~valid_q(now) & ~_NEVER_Q
+
+
 def with_status(
     providers: QuerySet[Provider], status: Status, *, refreshing: set[int], now: datetime
 ) -> QuerySet[Provider]:
-    """``providers`` whose status is ``status``: ``status_of`` as database filters, in the same
-    order of precedence (disabled, refreshing, reconnect, failing, ok, never, expired)."""
-    if status == Status.DISABLED:
-        return providers.filter(enabled=False)
-    enabled = providers.filter(enabled=True)
-    if status == Status.REFRESHING:
-        return enabled.filter(pk__in=refreshing)
-    enabled = enabled.exclude(pk__in=refreshing)
-    if status == Status.RECONNECT:
-        return enabled.filter(_RECONNECT_Q)
-    if status == Status.FAILING:
-        return enabled.filter(_FAILING_Q).exclude(_RECONNECT_Q)
-    if status == Status.OK:
-        return enabled.filter(_valid_q(now)).exclude(_FAILING_Q)
-    if status == Status.NEVER:
-        return enabled.filter(_NEVER_Q).exclude(_FAILING_Q).exclude(_valid_q(now))
-    return enabled.exclude(_FAILING_Q).exclude(_valid_q(now)).exclude(_NEVER_Q)
+    """``providers`` whose status is ``status`` (``status_q``)."""
+    return providers.filter(status_q(status, refreshing=refreshing, now=now))
+
+
+def needs_attention(provider: Provider, state: ProviderState | None, *, now: datetime) -> bool:
+    """Whether an operator should look at the provider (health lists it): it is enabled and
+    not ok, whether a refresh runs now or not: no valid token, failing or reconnect needed."""
+    if not provider.enabled:
+        return False
+    failing = state is not None and (state.consecutive_failures > 0 or state.reconnect_needed)
+    return failing or not has_valid_token(state, now)
+
+
+def needs_attention_q(now: datetime) -> Q:
+    """``needs_attention`` as a filter on providers."""
+    return Q(enabled=True) & (~valid_q(now) | _FAILING_Q)
+
+
+def makes_unhealthy(provider: Provider, state: ProviderState | None, *, now: datetime) -> bool:
+    """Whether the provider turns health to 503: it is enabled and has no valid token, or its
+    connected account must be connected again (a failing provider still serving its valid
+    token does not)."""
+    if not provider.enabled:
+        return False
+    return not has_valid_token(state, now) or bool(state and state.reconnect_needed)
+
+
+def makes_unhealthy_q(now: datetime) -> Q:
+    """``makes_unhealthy`` as a filter on providers."""
+    return Q(enabled=True) & (~valid_q(now) | _RECONNECT_Q)
 
 
 def fails_fast(state: ProviderState | None, *, now: datetime, deadline: datetime) -> bool:

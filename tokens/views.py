@@ -32,24 +32,36 @@ def _denied() -> JsonResponse:
     return JsonResponse({"detail": "forbidden"}, status=403)
 
 
+# Health lists at most this many providers that need attention (the first by name).
+HEALTH_LISTED = 100
+
+
 @require_GET
 def health(request: HttpRequest) -> HttpResponse:
     """200 when every enabled provider has a valid token and none needs reconnecting, and the
     schedule runs (beat's dispatcher entry is there and enabled, no provider overdue), 503
-    otherwise. Never shows a
-    token, a fingerprint or a secret."""
+    otherwise. A summary (providers counted by status) and the providers that need attention,
+    at most HEALTH_LISTED of them: never every provider. Never shows a token, a fingerprint or
+    a secret."""
     if not _allowed(request):
         return _denied()
-    providers = selectors.provider_report()
-    schedule = selectors.schedule_report()
-    healthy = all(
-        p["valid"] and not p["reconnect_needed"] for p in providers if p["enabled"]
-    ) and schedule_is_healthy(schedule)
+    now = timezone.now()
+    summary = selectors.provider_summary(now=now)
+    listed = selectors.providers_needing_attention(limit=HEALTH_LISTED, now=now)
+    schedule = selectors.schedule_report(now=now)
+    healthy = summary.unhealthy == 0 and schedule_is_healthy(schedule)
     body = {
         "status": "ok" if healthy else "unhealthy",
-        "checked_at": timezone.now().isoformat(),
+        "checked_at": now.isoformat(),
         "schedule": schedule,
-        "providers": providers,
+        "summary": {
+            "providers": summary.total,
+            "by_status": {status.value: count for status, count in summary.by_status.items()},
+            "needing_attention": summary.needing_attention,
+            "making_unhealthy": summary.unhealthy,
+        },
+        "providers": selectors.provider_report(providers=listed, now=now),
+        "providers_not_listed": max(0, summary.needing_attention - len(listed)),
     }
     response = JsonResponse(body, status=200 if healthy else 503)
     # An unhealthy answer is the endpoint doing its job, not a server error to log.

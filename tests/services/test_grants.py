@@ -315,7 +315,8 @@ def test_health_and_metrics__report_reconnect_needed(
     assert entry["reconnect_needed"] is True and entry["status"] == "reconnect"
     assert entry["valid"] is True  # the last token still serves meanwhile
     metrics = admin_client.get("/tokens/metrics").content.decode()
-    assert 'tokens_reconnect_needed{provider="crm"} 1.0' in metrics
+    assert 'tokens_providers{status="reconnect"} 1.0' in metrics
+    assert "tokens_providers_unhealthy 1.0" in metrics
     listing = admin_client.get("/admin/tokens/provider/?status=reconnect").content.decode()
     assert "reconnect needed" in listing and ">crm<" in listing
 
