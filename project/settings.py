@@ -149,6 +149,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # server process and authentication, several ms). With it set, tasks keep their connection like
 # requests do: project/celery.py applies CONN_MAX_AGE and CONN_HEALTH_CHECKS around each task
 # (Django's close_old_connections), and the fixup closes it anyway every this many tasks.
+# Keep CONN_HEALTH_CHECKS on with it: a task stopped by its time limit outside a transaction can
+# leave its connection busy, and the next task's health check is what reconnects.
 CELERY_DB_REUSE_MAX = 1000
 # Keep every countdown, time limit and lock TTL well below this (redelivery of held messages).
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}

@@ -28,6 +28,7 @@ class GatedRequest:
     form: dict[str, str]
     peer_cn: str | None
     connection: int  # which accepted connection carried it (1, 2, ...)
+    cookie: str | None = None  # the Cookie header it carried
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -49,12 +50,16 @@ class _Handler(BaseHTTPRequestHandler):
                     if key == "commonName":
                         peer_cn = value
         endpoint = self.server.endpoint
-        number = endpoint._arrive(GatedRequest(form, peer_cn, self.number))
+        number = endpoint._arrive(
+            GatedRequest(form, peer_cn, self.number, self.headers.get("Cookie"))
+        )
         payload = endpoint.answer(number, form, peer_cn)
         data = json.dumps(payload).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if endpoint.set_cookie:
+            self.send_header("Set-Cookie", endpoint.set_cookie)
         self.end_headers()
         self.wfile.write(data)
 
@@ -95,8 +100,10 @@ class GatedEndpoint:
         *,
         tls: ssl.SSLContext | None = None,
         answer: Callable[[int, dict[str, str], str | None], dict[str, Any]] = _token,
+        set_cookie: str | None = None,
     ) -> None:
         self.answer = answer
+        self.set_cookie = set_cookie
         self.requests: list[GatedRequest] = []
         self.connections = 0
         self.in_flight = 0

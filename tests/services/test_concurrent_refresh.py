@@ -180,6 +180,18 @@ def test_post_form__a_connection_made_with_one_client_certificate_never_carries_
     assert endpoint.connections == 2
 
 
+def test_post_form__no_cookie_set_for_one_request_rides_along_with_another() -> None:
+    """Providers of one origin share pooled connections, never state: a cookie the endpoint
+    sets in answer to one provider is not sent with the next provider's request."""
+    with GatedEndpoint(set_cookie="session=tenant-a; Path=/") as endpoint:
+        endpoint.open()
+        for tenant in ("tenant-a", "tenant-b"):
+            body = f"grant_type=client_credentials&client_id={tenant}"
+            assert post_form(endpoint.url, body=body).status == 200
+    assert [r.cookie for r in endpoint.requests] == [None, None]
+    assert [r.connection for r in endpoint.requests] == [1, 1]  # one kept-alive connection
+
+
 def _post_in_child(url: str, queue: Any) -> None:
     try:
         queue.put(post_form(url, body=FORM).status)

@@ -5,7 +5,8 @@ generator should). Whatever the server does, one call costs at most:
 
 - **TOKENS_HTTP_TIMEOUT seconds in all**: connect, TLS, headers and body together. A deadline,
   not a per-read timeout (a server trickling a byte a second never hits a read timeout); it is
-  enforced by cancelling the whole exchange (an asyncio timeout around httpx).
+  enforced by cancelling the whole exchange (an asyncio timeout around httpx). Waiting for a
+  request slot (below) may take as long again before it starts.
 - **TOKENS_HTTP_MAX_BODY bytes**, as received and as decoded: the body is streamed, a gzip or
   deflate body is inflated in bounded steps, any other content encoding is refused.
 - **one request**: redirects are never followed (a redirect is an answer, not a token).
@@ -30,6 +31,7 @@ import concurrent.futures
 import contextlib
 import functools
 import hashlib
+import http.cookiejar
 import json
 import os
 import ssl
@@ -255,9 +257,14 @@ class _Engine:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
-        # Name lookups run here; one that hangs past a deadline is left behind, not waited for.
+        # Name lookups run here; one that hangs past a deadline is left behind, not waited for
+        # (it keeps its thread: as many threads as requests may be in flight, made as needed,
+        # so that one origin whose names hang cannot hold up every new connection).
         self.loop.set_default_executor(
-            ThreadPoolExecutor(max_workers=8, thread_name_prefix="tokens-dns")
+            ThreadPoolExecutor(
+                max_workers=max(8, int(tokens_settings.HTTP_CONCURRENCY)),
+                thread_name_prefix="tokens-dns",
+            )
         )
         # Touched on the loop's thread only.
         self.clients: OrderedDict[
@@ -310,6 +317,11 @@ class _Engine:
         client = httpx.AsyncClient(
             verify=context,
             follow_redirects=False,
+            # No cookies, ever: a client is shared by every provider of this origin and TLS
+            # identity, and one provider's cookies must not ride along with another's request.
+            cookies=http.cookiejar.CookieJar(
+                policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
+            ),
             # Deadlines are ours (asyncio.timeout); the pool never makes a request wait.
             timeout=httpx.Timeout(None),
             limits=httpx.Limits(
@@ -318,7 +330,7 @@ class _Engine:
         )
         # The context is kept with it: an id is only unique while its object lives.
         self.clients[key] = (context, client, [0])
-        idle = [k for k, (_, _, users) in self.clients.items() if not users[0]]
+        idle = [k for k, (_, _, users) in self.clients.items() if not users[0] and k != key]
         for old in idle[: max(0, len(self.clients) - self.CLIENTS)]:
             _, closing, _ = self.clients.pop(old)
             self.loop.create_task(closing.aclose())

@@ -148,6 +148,7 @@ class _Batch:
         self.done: list[Attempt] = []  # finished, not yet handed on
         self.done_since: float | None = None
         self.closed = False
+        self.reported: set[int] = set()  # ids of the attempts put in ``done``
         self.changed = threading.Condition()
         self.cancelled = False
 
@@ -164,6 +165,7 @@ class _Batch:
                     self.on_finished(ready)
                 if over:
                     break
+            self._close()
         except TIME_LIMITS as limit:
             with self.changed:
                 self.cancelled = True  # a call not yet begun on its thread never begins
@@ -171,9 +173,14 @@ class _Batch:
             for attempt in running:
                 _give_up(attempt, _stopped(attempt), self.held)
             raise Interrupted([a for a in running if a.given_up], limit) from None
+
+    def _close(self) -> None:
+        """Give up the calls still running and hand on whatever was not handed on yet."""
         with self.changed:
             self.cancelled = True
-            late = [a for a in self.started if a.finished is None]
+            # Not yet back in ``done``: still running, or finished a moment ago (a call that
+            # ended keeps what it got: _give_up leaves it alone).
+            late = [a for a in self.started if id(a) not in self.reported]
             # Finished since the last hand-on; a call ending from now on is in ``late``.
             leftover, self.done, self.closed = self.done, [], True
         for attempt in late:
@@ -262,6 +269,7 @@ class _Batch:
                 self.running[origin] -= 1
                 self.in_flight -= 1
                 if not attempt.given_up and not self.closed:
+                    self.reported.add(id(attempt))
                     self.done.append(attempt)
                     if self.done_since is None:
                         self.done_since = time.monotonic()
