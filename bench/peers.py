@@ -363,18 +363,15 @@ class Callers:
 
 
 def per_call(function: Callable[[], object], seconds: float, repeat: int) -> float:
-    """Median seconds per call over ``repeat`` batches of about ``seconds`` each."""
+    """Median seconds per call over ``repeat`` batches of about ``seconds`` each (bench's
+    ``per_call``, with the batch size found by timing 100 calls first)."""
+    from bench.__main__ import per_call as timed
+
     started = time.perf_counter()
     for _ in range(100):
         function()
     number = max(100, int(seconds / max((time.perf_counter() - started) / 100, 1e-9)))
-    timings = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        for _ in range(number):
-            function()
-        timings.append((time.perf_counter() - started) / number)
-    return statistics.median(timings)
+    return timed(function, number, repeat)
 
 
 def percentile(values: list[float], q: float) -> float:
