@@ -3,6 +3,7 @@ scheduler with one PeriodicTask per provider as the baseline, in the same run.""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -297,10 +298,17 @@ def _scale_endpoint(
     from django.db import connection
 
     from bench.endpoint import TokenEndpoint
+    from project.celery import app
     from tokens.conf import tokens_settings
     from tokens.models import Provider, ProviderState, Token
     from tokens.services import schedule
 
+    # Refreshes still queued from an earlier run name ids this run reuses (a flush restarts
+    # PostgreSQL's sequences): they would be work this run did not schedule.
+    with app.connection_for_write() as broker:
+        for queue in ("celery", "tokens.urgent", "tokens.scheduled"):  # what bench's worker reads
+            with contextlib.suppress(Exception):  # a queue not declared yet holds nothing
+                broker.default_channel.queue_purge(queue)
     fresh_database()  # the dispatcher's entry is made again, at TOKENS_DISPATCH_EVERY
     interval = timedelta(seconds=every)
     with TokenEndpoint(latency=latency, ports=ENDPOINT_PORTS, lifetime=3600) as endpoint:
