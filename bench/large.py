@@ -1,4 +1,4 @@
-"""Figure 9: the operator surfaces and the web process at 100,000 providers (``--quick``: 5,000).
+"""Figure 11: the operator surfaces and the web process at 100,000 providers (``--quick``: 5,000).
 
 The providers are made with ``bulk_create`` (Provider, ProviderState, Token rows; no signals,
 nothing refreshed), interval 10 minutes, with a realistic mix of statuses: most ok, some
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "large-"
 INTERVAL = timedelta(minutes=10)
 LIFETIME = timedelta(hours=1)
-FIGURE = "9."
+FIGURE = "11."
 REQUESTS = 20
 IN_FLIGHT = 20  # refresh locks held while the surfaces are measured
 STATUSES = ("ok", "refreshing", "reconnect", "failing", "expired", "never", "disabled")
