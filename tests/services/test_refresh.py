@@ -246,7 +246,7 @@ def test_refresh__readers_do_not_ask_again_during_the_backoff(
 def test_batch__slow_endpoints_cost_one_deadline_together_not_one_each(
     settings, httpserver: HTTPServer
 ) -> None:
-    """A scheduled batch calls its generators TOKENS_REFRESH_CONCURRENCY at a time, each within
+    """A scheduled batch's requests are in flight together (TOKENS_HTTP_CONCURRENCY), each within
     its own deadline: four hanging endpoints cost the batch one deadline, and the healthy
     provider among them is stored."""
     from tests.hostile import HostileEndpoint, trickle
