@@ -140,9 +140,10 @@ def _send(
         origin = _origin(url)
     except httpx.InvalidURL:
         raise GeneratorError("token_url is not a valid URL", transient=False) from None
-    exchange = _engine().exchange(url, origin, body, request_headers, context, timeout, limit)
+    engine = _engine()
+    exchange = engine.exchange(url, origin, body, request_headers, context, timeout, limit)
     try:
-        return replace(_engine().run(exchange, timeout), sent=_credentials(body, request_headers))
+        return replace(engine.run(exchange, timeout), sent=_credentials(body, request_headers))
     except NoSlot:
         raise GeneratorError(
             f"no request slot for the token endpoint within {timeout:g}s (this process has "
@@ -247,7 +248,8 @@ def origin_of(url: str | None) -> tuple[str, str, int] | None:
 
 class _Engine:
     """This process's HTTP: one event loop on a thread of its own, its slots, and one pooled
-    client per TLS identity (see the module). Made on first use; a forked child makes its own."""
+    client per TLS identity and endpoint origin (see the module). Made on first use; a forked
+    child makes its own."""
 
     # Pooled clients kept at most: one per TLS identity (CAs, client certificate) and endpoint
     # origin. Per origin, not one for all: httpcore's pool does work quadratic in its
