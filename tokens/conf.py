@@ -69,6 +69,11 @@ DEFAULTS: dict[str, Any] = {
     # A batch stops taking providers after this long (seconds) and hands the rest to a new
     # task; with TOKENS_HTTP_TIMEOUT it must stay below CELERY_TASK_SOFT_TIME_LIMIT.
     "BATCH_BUDGET": 15.0,
+    # While its requests are in flight, a batch takes the providers that have fallen due
+    # since, this often (seconds) and as many as it has room for (HTTP_CONCURRENCY): a worker
+    # process keeps refreshing through an endpoint's latency instead of waiting it out. 0: a
+    # batch refreshes only the providers it was sent.
+    "BATCH_PULL_EVERY": 0.25,
     # Celery queues: "urgent" carries the dispatcher and the refreshes somebody waits for (a
     # new or changed provider, a reader, an operator); "scheduled" carries batches and retries.
     # None: Celery's default routing. Consume them with separate workers, so that slow

@@ -15,6 +15,7 @@ import uuid
 from redis.lock import Lock
 
 from tokens.conf import tokens_settings
+from tokens.exceptions import CacheUnavailable
 from tokens.redis_client import best_effort, client, key, run_script, translated
 
 logger = logging.getLogger("tokens")
@@ -163,3 +164,20 @@ def claim(kind: str, provider_id: int, seconds: float) -> bool:
     ttl_ms = max(1, int(seconds * 1000))
     with translated():
         return bool(client().set(key(kind, provider_id), "1", nx=True, px=ttl_ms))
+
+
+def schedule_taken_mark(seconds: float) -> None:
+    """A batch took every provider that was due and has room for more: the dispatcher need
+    not claim any for ``seconds`` (the batch will take them as they fall due)."""
+    with best_effort("mark the schedule taken"):
+        client().set(key("schedule", "taken"), "1", px=max(1, int(seconds * 1000)))
+
+
+def schedule_taken() -> bool:
+    """Whether a batch takes due providers as they come (see ``schedule_taken_mark``); False
+    when Redis is unreachable (the dispatcher then claims them itself)."""
+    try:
+        with translated():
+            return bool(client().exists(key("schedule", "taken")))
+    except CacheUnavailable:
+        return False

@@ -68,7 +68,8 @@ def dispatch_due() -> None:
 
 @shared_task(name=BATCH_TASK, ignore_result=True, bind=True, throws=(RefreshFailed,))
 def refresh_batch(self: Task, provider_ids: list[int]) -> None:
-    """The scheduled refresh of each provider (a failing one never stops the others). What is
+    """The scheduled refresh of each provider (a failing one never stops the others), and of
+    those that fall due while its requests are in flight (TOKENS_BATCH_PULL_EVERY). What is
     not begun when the batch's time budget runs out (slow endpoints) goes on in a new task, well
     inside the time limits; failures are tried again after their backoff."""
     deadline = time.monotonic() + tokens_settings.seconds("BATCH_BUDGET")
@@ -76,23 +77,30 @@ def refresh_batch(self: Task, provider_ids: list[int]) -> None:
     due = float(header) if header is not None else None
     if due is not None:
         metrics.SCHEDULE_LATENESS.observe(max(0.0, time.time() - due))
+    taken = list(provider_ids)  # and those claimed from the schedule meanwhile
+
+    def pull(room: int) -> list[int]:
+        ids = schedule.due_take(limit=room)
+        taken.extend(ids)
+        return ids
+
     left: list[int] = []
     results: dict[int, RefreshResult] = {}
     try:
         results = refresh.refresh_many(
-            provider_ids=provider_ids, reason=Reason.SCHEDULE, deadline=deadline
+            provider_ids=provider_ids, reason=Reason.SCHEDULE, deadline=deadline, pull=pull
         )
         for provider_id, result in results.items():
             if result.retry_in is not None:
                 queue.retry_send(provider_id=provider_id, retry_in=result.retry_in)
-        left = [provider_id for provider_id in provider_ids if provider_id not in results]
+        left = [provider_id for provider_id in taken if provider_id not in results]
     except TIME_LIMITS:
         # Those stored already are fresh now and will be skipped; those stopped mid-call keep
         # their lock until it expires (so none is retried at once).
-        left = list(provider_ids)
+        left = list(taken)
         raise
     except Exception:
-        for provider_id in provider_ids:
+        for provider_id in taken:
             locks.pending_clear(provider_id)
         raise
     finally:

@@ -1,7 +1,7 @@
 """Calling generators within bounds: one call in the calling thread (a Celery time limit
 interrupts it); several in flight together on threads (TOKENS_HTTP_CONCURRENCY, and at most
-TOKENS_HTTP_PER_HOST to one endpoint), none begun after the batch's deadline, and a call still
-running a TOKENS_HTTP_TIMEOUT past it given up.
+TOKENS_HTTP_PER_HOST to one endpoint), more taken on while they are in flight, none begun after
+the batch's deadline, and a call still running a TOKENS_HTTP_TIMEOUT past it given up.
 
 Whatever a generator raises ends here as a GeneratorError, BaseException included (a
 ``sys.exit`` in a callable must not take a worker down), except Celery's time limits, which
@@ -11,6 +11,7 @@ belong to the task (``Interrupted`` hands the calls they stopped to the caller).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import signal
@@ -34,6 +35,11 @@ from tokens.generators.base import check_generated
 from tokens.generators.http import origin_of
 from tokens.models import Provider, Token
 from tokens.services.versions import refresh_token_store, tokens_store_many
+
+logger = logging.getLogger("tokens.refresh")
+
+# More providers for a batch with room for ``room`` more calls: the providers and their fences.
+More = Callable[[int], tuple[list[Provider], dict[int, int]]]
 
 
 @dataclass
@@ -94,15 +100,18 @@ def attempts_run(
     held: dict[int, str] | None,
     on_finished: Callable[[list[Attempt]], None],
     group: int = 10,
+    more: More | None = None,
 ) -> None:
     """Call each provider's generator (see the module) and hand the attempts to
     ``on_finished``, in this thread, as they finish: ``group`` at a time, or fewer once the
     first of them has waited FLUSH_AFTER (a slow endpoint never holds back a fast one's token).
 
-    Those not begun by ``deadline`` are left out; a call given up keeps its provider's lock
-    (removed from ``held``) until it expires, so no second call can overlap it. Interrupted
-    when a time limit stops them."""
-    if len(providers) == 1:
+    While calls are in flight and every provider is begun, ``more`` is asked, every
+    TOKENS_BATCH_PULL_EVERY until ``deadline``, for as many providers as there is room for;
+    they are called the same way. Those not begun by ``deadline`` are left out; a call given
+    up keeps its provider's lock (removed from ``held``) until it expires, so no second call
+    can overlap it. Interrupted when a time limit stops them."""
+    if len(providers) == 1 and more is None:
         attempt = Attempt(providers[0], fences[providers[0].pk], timezone.now(), time.monotonic())
         try:
             _call(attempt)
@@ -112,7 +121,7 @@ def attempts_run(
             raise Interrupted([attempt], limit) from None
         on_finished([attempt])
         return
-    _Batch(providers, fences, deadline, held, on_finished, max(1, group)).run()
+    _Batch(providers, fences, deadline, held, on_finished, max(1, group), more).run()
 
 
 # A finished call's token waits at most this long for others to share its store (seconds).
@@ -134,14 +143,17 @@ class _Batch:
         held: dict[int, str] | None,
         on_finished: Callable[[list[Attempt]], None],
         group: int,
+        more: More | None,
     ) -> None:
         self.fences, self.deadline, self.held = fences, deadline, held
         self.on_finished, self.group = on_finished, group
         self.total = max(1, int(tokens_settings.HTTP_CONCURRENCY))
         self.per_host = max(1, int(tokens_settings.HTTP_PER_HOST))
         self.waiting: OrderedDict[object, deque[Provider]] = OrderedDict()
-        for provider in providers:
-            self.waiting.setdefault(_origin(provider), deque()).append(provider)
+        self._wait_for(providers)
+        self.pull_every = tokens_settings.seconds("BATCH_PULL_EVERY")
+        self.more = more if self.pull_every > 0 else None
+        self.pull_at = time.monotonic() + self.pull_every
         self.running: Counter[object] = Counter()
         self.in_flight = 0
         self.started: list[Attempt] = []
@@ -160,11 +172,13 @@ class _Batch:
         )
         try:
             while True:
-                ready, over = self._next(grace)
+                ready, over, room = self._next(grace)
                 if ready:
                     self.on_finished(ready)
                 if over:
                     break
+                if room:
+                    self._pull(room)
             self._close()
         except TIME_LIMITS as limit:
             with self.changed:
@@ -197,33 +211,69 @@ class _Batch:
         if leftover or late:
             self.on_finished(leftover + late)
 
-    def _next(self, grace: float | None) -> tuple[list[Attempt], bool]:
-        """Begin what may begin; then the attempts to hand on now, and whether the batch is
-        over (nothing waits or runs, or its grace has passed)."""
+    def _wait_for(self, providers: list[Provider]) -> None:
+        for provider in providers:
+            self.waiting.setdefault(_origin(provider), deque()).append(provider)
+
+    def _pull(self, room: int) -> None:
+        """Take on up to ``room`` more providers (``more``); a failure to get them ends the
+        pulling, not the batch (the providers it had claimed are not in the results: the
+        caller hands them on)."""
+        self.pull_at = time.monotonic() + self.pull_every
+        assert self.more is not None
+        try:
+            providers, fences = self.more(room)
+        except Exception:
+            logger.exception("tokens: a batch could not take on more due providers")
+            self.more = None
+            return
+        with self.changed:
+            self.fences.update(fences)
+            self._wait_for(providers)
+
+    def _next(self, grace: float | None) -> tuple[list[Attempt], bool, int]:
+        """Begin what may begin; then the attempts to hand on now, whether the batch is over
+        (nothing waits or runs, or its grace has passed), and how many more providers to take
+        on now (``more``; 0: none)."""
         with self.changed:
             while True:
                 now = time.monotonic()
-                if self.deadline is not None and now >= self.deadline:
+                before_deadline = self.deadline is None or now < self.deadline
+                if not before_deadline:
                     self.waiting.clear()  # not begun: the caller hands them on
                 while self._begin_one():
                     pass
                 over = (not self.waiting and not self.in_flight) or (
                     grace is not None and now >= grace
                 )
+                # Room while calls are in flight and nothing waits (a saturated host's
+                # providers wait: more would only queue behind them).
+                room = self.total - self.in_flight
+                pulling = (
+                    self.more is not None
+                    and before_deadline
+                    and not over
+                    and not self.waiting
+                    and room > 0
+                )
+                pull = room if pulling and now >= self.pull_at else 0
                 if self.done and (
                     over
+                    or pull
                     or len(self.done) >= self.group
                     or (self.done_since is not None and now - self.done_since >= FLUSH_AFTER)
                 ):
                     ready, self.done, self.done_since = self.done, [], None
-                    return ready, over
-                if over:
-                    return [], True
+                    return ready, over, pull
+                if over or pull:
+                    return [], over, pull
                 wake = [] if grace is None else [grace]
                 if self.waiting and self.deadline is not None:
                     wake.append(self.deadline)
                 if self.done_since is not None:
                     wake.append(self.done_since + FLUSH_AFTER)
+                if pulling:
+                    wake.append(self.pull_at)
                 self.changed.wait(timeout=max(0.0, min(wake) - now) if wake else None)
 
     def _begin_one(self) -> bool:

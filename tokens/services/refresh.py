@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 from django.utils import timezone
@@ -15,7 +16,7 @@ from tokens.conf import tokens_settings
 from tokens.constants import Outcome, Reason
 from tokens.exceptions import CacheUnavailable
 from tokens.models import Provider, ProviderState, Token
-from tokens.services.attempts import Attempt, Interrupted, attempts_run, still_running
+from tokens.services.attempts import Attempt, Interrupted, More, attempts_run, still_running
 from tokens.services.failures import failure_record
 from tokens.services.results import RefreshResult
 from tokens.services.schedule import next_runs_soon
@@ -43,7 +44,11 @@ def token_refresh(*, provider_id: int, reason: Reason = Reason.SCHEDULE) -> Refr
 
 
 def refresh_many(
-    *, provider_ids: list[int], reason: Reason, deadline: float | None = None
+    *,
+    provider_ids: list[int],
+    reason: Reason,
+    deadline: float | None = None,
+    pull: Callable[[int], list[int]] | None = None,
 ) -> dict[int, RefreshResult]:
     """``token_refresh`` for several providers, with the same guarantees, in few round trips.
 
@@ -51,8 +56,10 @@ def refresh_many(
     versions are handed out in one statement. The generators' requests are then in flight
     together (TOKENS_HTTP_CONCURRENCY, at most TOKENS_HTTP_PER_HOST to one endpoint; each within
     its own deadline), so one slow endpoint costs the others nothing; tokens are stored and
-    cached as they come, per group of up to STORE_GROUP. A provider not yet begun
-    when ``deadline`` (monotonic) has passed is left out of the result: the caller hands it on.
+    cached as they come, per group of up to STORE_GROUP. While requests are in flight, ``pull``
+    (the schedule's due providers) is asked for as many more as there is room for, and they
+    are refreshed the same way. A provider not yet begun when ``deadline`` (monotonic) has
+    passed is left out of the result: the caller hands it on.
     """
     results: dict[int, RefreshResult] = {}
     try:
@@ -61,46 +68,20 @@ def refresh_many(
         # Without Redis there is no lock; the version fence still keeps stores ordered.
         logger.warning("tokens: Redis unavailable, refreshing without the lock")
         held = None
-    locked = list(provider_ids) if held is None else [pid for pid in provider_ids if pid in held]
-    busy = [pid for pid in provider_ids if held is not None and pid not in held]
-    unlocked = held is None
-    if busy:
-        # Readers ask again when the lock expires, in case its holder died mid-refresh. A
-        # refresh asked for now may find a holder with an old config, or one that found the
-        # token fresh: the schedule takes it over rather than drop it.
-        locks.pending_hold_for_locks(busy)
-        if reason == Reason.MANUAL:
-            next_runs_soon(provider_ids=busy)
-        results.update((pid, RefreshResult(Outcome.IN_FLIGHT)) for pid in busy)
     try:
-        providers = selectors.providers_for_refresh(provider_ids=locked)
-        stateless = [pid for pid, provider in providers.items() if provider.state_or_none is None]
-        if stateless:  # made by bulk_create: their state row first
-            ProviderState.objects.ensure(stateless)
-            providers.update(selectors.providers_for_refresh(provider_ids=stateless))
-        due: list[Provider] = []
-        for pid in locked:
-            provider = providers.get(pid)
-            if provider is None:
-                results[pid] = RefreshResult(Outcome.MISSING)
-                continue
-            state = provider.refresh_state
-            early = _skip_reason(provider, state, reason)
-            if early == Outcome.FRESH and reason == Reason.SCHEDULE:
-                _schedule_for_expiry(state)
-            if early is None and unlocked and provider_uses_refresh_token(provider):
-                # A refresh token the issuer rotates is never used without the fleet-wide
-                # lock: two refreshes sending it at once would end the grant.
-                early = Outcome.IN_FLIGHT
-            if early is None:
-                due.append(provider)
-            else:
-                results[pid] = RefreshResult(
-                    early, retry_at=state.next_attempt_at, permanent=state.permanent_error
-                )
+        due = _due_now(provider_ids, reason, held, results)
+        more: More | None = None
+        if pull is not None and held is not None:
+            locked = held  # no lock, no pulling: Redis is down
+
+            def more(room: int) -> tuple[list[Provider], dict[int, int]]:
+                ids = pull(room)
+                locked.update(locks.locks_acquire(ids))
+                return _begin_list(_due_now(ids, reason, locked, results), results)
+
         if due and (deadline is None or time.monotonic() < deadline):
             try:
-                _refresh_due(due, deadline, held, results)
+                _refresh_due(*_begin_list(due, results), deadline, held, results, more)
             except Interrupted as stopped:
                 results.update(_record_failures(stopped.attempts))
                 _settle_pending(results)
@@ -110,6 +91,52 @@ def refresh_many(
             locks.locks_release(held)
     _settle_pending(results)
     return results
+
+
+def _due_now(
+    provider_ids: list[int],
+    reason: Reason,
+    held: dict[int, str] | None,
+    results: dict[int, RefreshResult],
+) -> list[Provider]:
+    """Of ``provider_ids``, those to refresh now (read under their lock, from ``held``; None:
+    Redis is down); the others' results are added to ``results``."""
+    locked = list(provider_ids) if held is None else [pid for pid in provider_ids if pid in held]
+    busy = [pid for pid in provider_ids if held is not None and pid not in held]
+    if busy:
+        # Readers ask again when the lock expires, in case its holder died mid-refresh. A
+        # refresh asked for now may find a holder with an old config, or one that found the
+        # token fresh: the schedule takes it over rather than drop it.
+        locks.pending_hold_for_locks(busy)
+        if reason == Reason.MANUAL:
+            next_runs_soon(provider_ids=busy)
+        results.update((pid, RefreshResult(Outcome.IN_FLIGHT)) for pid in busy)
+    providers = selectors.providers_for_refresh(provider_ids=locked)
+    stateless = [pid for pid, provider in providers.items() if provider.state_or_none is None]
+    if stateless:  # made by bulk_create: their state row first
+        ProviderState.objects.ensure(stateless)
+        providers.update(selectors.providers_for_refresh(provider_ids=stateless))
+    due: list[Provider] = []
+    for pid in locked:
+        provider = providers.get(pid)
+        if provider is None:
+            results[pid] = RefreshResult(Outcome.MISSING)
+            continue
+        state = provider.refresh_state
+        early = _skip_reason(provider, state, reason)
+        if early == Outcome.FRESH and reason == Reason.SCHEDULE:
+            _schedule_for_expiry(state)
+        if early is None and held is None and provider_uses_refresh_token(provider):
+            # A refresh token the issuer rotates is never used without the fleet-wide
+            # lock: two refreshes sending it at once would end the grant.
+            early = Outcome.IN_FLIGHT
+        if early is None:
+            due.append(provider)
+        else:
+            results[pid] = RefreshResult(
+                early, retry_at=state.next_attempt_at, permanent=state.permanent_error
+            )
+    return due
 
 
 def retry_sooner(*, provider_id: int) -> None:
@@ -181,22 +208,35 @@ def _skip_reason(provider: Provider, state: ProviderState, reason: Reason) -> Ou
     return None
 
 
-def _refresh_due(
-    providers: list[Provider],
-    deadline: float | None,
-    held: dict[int, str] | None,
-    results: dict[int, RefreshResult],
-) -> None:
-    """Refresh ``providers``, adding each one's result to ``results`` as it comes (a time limit
-    that stops the batch keeps the results of those stored before it)."""
+def _begin_list(
+    providers: list[Provider], results: dict[int, RefreshResult]
+) -> tuple[list[Provider], dict[int, int]]:
+    """Of ``providers``, those to call now, with their versions (fences); the others (a call
+    given up earlier still runs in this process, deleted meanwhile) are added to ``results``."""
     running = still_running(provider_ids=[p.pk for p in providers])
     results.update((pid, RefreshResult(Outcome.IN_FLIGHT)) for pid in running)
     providers = [p for p in providers if p.pk not in running]
     if not providers:
-        return
+        return [], {}
     fences = fences_next(provider_ids=[p.pk for p in providers])
     gone = [p for p in providers if p.pk not in fences]  # deleted since they were read
     results.update((p.pk, RefreshResult(Outcome.MISSING)) for p in gone)
+    return [p for p in providers if p.pk in fences], fences
+
+
+def _refresh_due(
+    providers: list[Provider],
+    fences: dict[int, int],
+    deadline: float | None,
+    held: dict[int, str] | None,
+    results: dict[int, RefreshResult],
+    more: More | None,
+) -> None:
+    """Refresh ``providers`` (and what ``more`` adds), adding each one's result to ``results``
+    as it comes (a time limit that stops the batch keeps the results of those stored before
+    it)."""
+    if not providers:
+        return
 
     def finished(attempts: list[Attempt]) -> None:
         # Stored (and cached, and announced) as they come: a slow endpoint in the batch never
@@ -207,12 +247,13 @@ def _refresh_due(
             _store_group(made[start : start + STORE_GROUP], results)
 
     attempts_run(
-        providers=[p for p in providers if p.pk in fences],
+        providers=providers,
         fences=fences,
         deadline=deadline,
         held=held,
         on_finished=finished,
         group=STORE_GROUP,
+        more=more,
     )
 
 

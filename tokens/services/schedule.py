@@ -18,7 +18,7 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-from tokens import metrics, queue
+from tokens import locks, metrics, queue
 from tokens.conf import tokens_settings
 from tokens.constants import DISPATCH_ENTRY, DISPATCH_TASK, LEGACY_ENTRY_PREFIX
 from tokens.generators import registry
@@ -154,42 +154,23 @@ def due_dispatch(*, now: datetime | None = None) -> list[list[int]]:
     """Claim the enabled providers whose scheduled refresh is due and send them in batches.
 
     Each claimed provider's ``next_run_at`` moves one interval on (a run missed by more than an
-    interval is dropped, not caught up). Two dispatchers never claim one provider: rows are
-    locked (PostgreSQL: SKIP LOCKED) or the transaction holds SQLite's write lock. Returns the
+    interval is dropped, not caught up). Two claims never take one provider: rows are locked
+    (PostgreSQL: SKIP LOCKED) or the transaction holds SQLite's write lock. Claims nothing
+    while a running batch takes due providers as they fall due (``due_take``). Returns the
     batches sent (ids), oldest due first.
     """
     now = now or timezone.now()
-    limit = int(tokens_settings.DISPATCH_LIMIT)
+    if locks.schedule_taken():
+        return []
     with transaction.atomic():
-        due = list(
-            ProviderState.objects.select_for_update(skip_locked=True, of=("self",))
-            .filter(next_run_at__lte=now, provider__enabled=True)
-            .order_by("next_run_at", "provider_id")
-            .values_list(
-                "provider_id", "next_run_at", "provider__refresh_interval", "provider__name"
-            )[:limit]
-        )
-        groups: dict[timedelta, list[tuple[int, datetime]]] = {}
+        due = _claim(now=now, limit=int(tokens_settings.DISPATCH_LIMIT))
         names = {provider_id: name for provider_id, _, _, name in due}
+        groups: dict[timedelta, list[tuple[int, datetime]]] = {}
         for provider_id, due_at, interval, _ in due:
-            assert due_at is not None  # filtered on next_run_at__lte
             groups.setdefault(interval, []).append((provider_id, due_at))
         batches: list[tuple[list[int], datetime, timedelta]] = []
         size = max(1, int(tokens_settings.DISPATCH_BATCH))
         for interval, members in groups.items():
-            ids = [provider_id for provider_id, _ in members]
-            for start in range(0, len(ids), 500):
-                ProviderState.objects.filter(provider_id__in=ids[start : start + 500]).update(
-                    next_run_at=Case(
-                        When(
-                            next_run_at__gt=now - interval,
-                            then=ExpressionWrapper(
-                                F("next_run_at") + interval, output_field=DateTimeField()
-                            ),
-                        ),
-                        default=Value(now + interval, output_field=DateTimeField()),
-                    )
-                )
             for start in range(0, len(members), size):
                 chunk = members[start : start + size]
                 batches.append(([pid for pid, _ in chunk], chunk[0][1], interval))
@@ -205,6 +186,55 @@ def due_dispatch(*, now: datetime | None = None) -> list[list[int]]:
             )
     metrics.SCHEDULE_DISPATCHED.inc(len(due))
     return [ids for ids, _, _ in batches]
+
+
+def due_take(*, limit: int) -> list[int]:
+    """For a batch whose requests are in flight: claim up to ``limit`` providers whose
+    scheduled refresh is due, oldest first, as ``due_dispatch`` does, and return them for the
+    batch to refresh itself. When it took every one that was due, none of them late, the
+    dispatcher leaves the schedule to it for two TOKENS_BATCH_PULL_EVERY (a batch that is full,
+    or falls behind, stops renewing that, and the dispatcher sends to other processes again)."""
+    now = timezone.now()
+    with transaction.atomic():
+        due = _claim(now=now, limit=max(0, limit))
+    every = tokens_settings.seconds("BATCH_PULL_EVERY")
+    behind = bool(due) and (now - due[0][1]).total_seconds() > 2 * every
+    if len(due) < limit and not behind:
+        locks.schedule_taken_mark(2 * every)
+    if due:
+        metrics.SCHEDULE_DISPATCHED.inc(len(due))
+        metrics.SCHEDULE_LATENESS.observe(max(0.0, (now - due[0][1]).total_seconds()))
+    return [provider_id for provider_id, _, _, _ in due]
+
+
+def _claim(*, now: datetime, limit: int) -> list[tuple[int, datetime, timedelta, str]]:
+    """In the caller's transaction: lock up to ``limit`` due rows (oldest first), move each
+    one interval on; (id, due at, interval, name) of each."""
+    due = list(
+        ProviderState.objects.select_for_update(skip_locked=True, of=("self",))
+        .filter(next_run_at__lte=now, provider__enabled=True)
+        .order_by("next_run_at", "provider_id")
+        .values_list("provider_id", "next_run_at", "provider__refresh_interval", "provider__name")[
+            :limit
+        ]
+    )
+    by_interval: dict[timedelta, list[int]] = {}
+    for provider_id, _, interval, _ in due:
+        by_interval.setdefault(interval, []).append(provider_id)
+    for interval, ids in by_interval.items():
+        for start in range(0, len(ids), 500):
+            ProviderState.objects.filter(provider_id__in=ids[start : start + 500]).update(
+                next_run_at=Case(
+                    When(
+                        next_run_at__gt=now - interval,
+                        then=ExpressionWrapper(
+                            F("next_run_at") + interval, output_field=DateTimeField()
+                        ),
+                    ),
+                    default=Value(now + interval, output_field=DateTimeField()),
+                )
+            )
+    return due  # type: ignore[return-value]  # next_run_at is not null: filtered on it
 
 
 def _scheduled(kind: str) -> bool:

@@ -1,0 +1,125 @@
+"""A worker process keeps refreshing through an endpoint's latency: while a scheduled batch's
+requests are in flight it takes on the providers that fall due meanwhile (as many as it has
+room for), and the dispatcher leaves the schedule to it while it keeps up. Shown with endpoints
+that hold each request until the test lets it answer (tests/gated.py): counts, never clocks."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from tests.factories import make_provider, oauth2_config, state
+from tests.gated import GatedEndpoint
+from tests.processes import broker_messages, wait_for
+from tests.services.test_concurrent_refresh import in_thread
+from tokens import locks
+from tokens.models import Provider, ProviderState, Token
+from tokens.services import schedule
+from tokens.tasks import refresh_batch
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("empty_queues")]
+
+
+def due_now(*providers: Provider, ago: float = 0.0) -> None:
+    ProviderState.objects.filter(provider__in=providers).update(
+        next_run_at=timezone.now() - timedelta(seconds=ago)
+    )
+
+
+def test_batch__takes_on_providers_that_fall_due_while_its_requests_are_in_flight(
+    settings,
+) -> None:
+    """A batch of one held at its endpoint: the three providers due meanwhile are claimed (each
+    moved one interval on) and requested before that one answers, and so is one that falls due
+    later; the dispatcher claims none of them while the batch keeps up."""
+    settings.TOKENS_BATCH_PULL_EVERY = 1.0  # the dispatcher's pause lasts 2 s
+    with GatedEndpoint() as first, GatedEndpoint() as later:
+        sent = make_provider("sent", config=oauth2_config(first.url), interval=60)
+        due = [make_provider(f"due-{i}", config=oauth2_config(later.url)) for i in range(3)]
+        late = make_provider("late", config=oauth2_config(later.url))
+        due_now(*due)
+        runner, outcome = in_thread(refresh_batch, [sent.pk])
+        first.wait_in_flight(1)
+        later.wait_in_flight(3)
+        assert all(state(p).next_run_at > timezone.now() for p in due)  # claimed: moved on
+        due_now(late)
+        later.wait_in_flight(4)
+        # Taken by the batch, which had room for more: the dispatcher sends nothing.
+        assert schedule.due_dispatch() == []
+        assert broker_messages("tokens.scheduled") == []
+        first.open()
+        later.open()
+        runner.join(timeout=60)
+    assert outcome == [None]
+    assert Token.objects.filter(provider__in=[sent, *due, late]).count() == 5
+    assert len(first.requests) == 1 and len(later.requests) == 4
+
+
+def test_batch__with_no_room_takes_nothing_and_the_dispatcher_sends_what_falls_due(
+    settings,
+) -> None:
+    """A batch at TOKENS_HTTP_CONCURRENCY takes on nothing: what falls due meanwhile stays
+    due for the dispatcher, which sends it for another process."""
+    settings.TOKENS_BATCH_PULL_EVERY = 0.05
+    settings.TOKENS_HTTP_CONCURRENCY = 1
+    with GatedEndpoint() as endpoint:
+        sent = make_provider("sent", config=oauth2_config(endpoint.url), interval=60)
+        waiting = make_provider("waiting", config=oauth2_config(endpoint.url))
+        due_now(waiting)
+        runner, _ = in_thread(refresh_batch, [sent.pk])
+        endpoint.wait_in_flight(1)
+        time.sleep(0.5)  # ten pull periods
+        assert state(waiting).next_run_at <= timezone.now()
+        assert schedule.due_dispatch() == [[waiting.pk]]
+        endpoint.open()
+        runner.join(timeout=60)
+    assert len(endpoint.requests) == 1
+
+
+def test_batch__a_provider_it_took_on_but_could_not_begin_by_its_deadline_is_handed_on(
+    settings,
+) -> None:
+    """Taken on from the schedule, then held behind its endpoint's bound (TOKENS_HTTP_PER_HOST)
+    past the batch's budget: handed on in a new batch, like the batch's own providers."""
+    settings.TOKENS_BATCH_PULL_EVERY = 0.05
+    settings.TOKENS_HTTP_PER_HOST = 1
+    settings.TOKENS_BATCH_BUDGET = 1.0
+    with GatedEndpoint() as first, GatedEndpoint() as later:
+        sent = make_provider("sent", config=oauth2_config(first.url), interval=60)
+        taken = [make_provider(f"taken-{i}", config=oauth2_config(later.url)) for i in range(2)]
+        due_now(*taken)
+        started = time.monotonic()
+        runner, _ = in_thread(refresh_batch, [sent.pk])
+        later.wait_in_flight(1)
+        assert all(state(p).next_run_at > timezone.now() for p in taken)
+        wait_for(lambda: time.monotonic() > started + 1.5, timeout=10)  # past the budget
+        first.open()
+        later.open()
+        runner.join(timeout=60)
+    begun = Token.objects.get(provider__in=taken).provider
+    (behind,) = [p for p in taken if p != begun]
+    assert [message["args"][0] for message in broker_messages("tokens.scheduled")] == [
+        [behind.pk]
+    ]
+    assert len(later.requests) == 1
+
+
+def test_due_take__leaves_the_schedule_to_the_batch_only_while_it_keeps_up(settings) -> None:
+    """The dispatcher pauses only after a take that got every due provider, none of them late;
+    a full take, or one that found providers waiting for long, lets it claim."""
+    settings.TOKENS_BATCH_PULL_EVERY = 10.0  # the pause, 20 s, outlasts the test
+    providers = [make_provider(f"p-{i}", interval=60) for i in range(3)]
+    due_now(*providers[:2])
+    assert schedule.due_take(limit=1) == [providers[0].pk]  # full: no pause
+    assert not locks.schedule_taken()
+    due_now(providers[2], ago=25)  # late by more than two pull periods
+    assert sorted(schedule.due_take(limit=10)) == sorted([providers[1].pk, providers[2].pk])
+    assert not locks.schedule_taken()
+    assert schedule.due_take(limit=10) == []  # kept up: nothing was due
+    assert locks.schedule_taken()
+    due_now(providers[0])
+    assert schedule.due_dispatch() == []
+    assert state(providers[0]).next_run_at <= timezone.now()  # left for the batch to take
