@@ -195,7 +195,7 @@ def freshness(report: Report, quick: bool) -> None:
 def start_worker(
     concurrency: int = 2, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    log = open(STATE / "bench-worker.log", "wb")  # noqa: SIM115
+    log = open(STATE / "bench-worker.log", "ab")  # noqa: SIM115  (every worker of a run)
     worker = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "celery"),

@@ -274,8 +274,11 @@ def surfaces(report: Report, quick: bool) -> None:
             ("admin list, enabled=no", "/admin/tokens/provider/?enabled__exact=0"),
             ("admin list, search", f"/admin/tokens/provider/?q={PREFIX}04217"),
             ("admin list, page 2", "/admin/tokens/provider/?p=2"),
+            # The deepest page walks half the list: pages past the middle are read from the end.
+            ("admin list, middle page", f"/admin/tokens/provider/?p={math.ceil(total / 200)}"),
             ("admin list, last page", f"/admin/tokens/provider/?p={math.ceil(total / 100)}"),
-            ("admin list, status=ok, last page", last_page_url("ok")),
+            ("admin list, status=ok, middle page", status_page_url("ok", middle=True)),
+            ("admin list, status=ok, last page", status_page_url("ok")),
             ("admin status poll (100 ids)", f"/admin/tokens/provider/status/?ids={page}"),
             ("/tokens/health/", "/tokens/health/"),
             ("/tokens/metrics", "/tokens/metrics"),
@@ -310,8 +313,8 @@ def surfaces(report: Report, quick: bool) -> None:
         depopulate(count)
 
 
-def last_page_url(status: str) -> str:
-    """The URL of the last page of the list filtered by ``status``."""
+def status_page_url(status: str, *, middle: bool = False) -> str:
+    """The URL of the last (or the middle) page of the list filtered by ``status``."""
     from django.utils import timezone
 
     from tokens.models import Provider
@@ -320,4 +323,5 @@ def last_page_url(status: str) -> str:
     matching = with_status(
         Provider.objects.all(), Status(status), refreshing=set(), now=timezone.now()
     ).count()
-    return f"/admin/tokens/provider/?status={status}&p={max(1, math.ceil(matching / 100))}"
+    pages = max(1, math.ceil(matching / 100))
+    return f"/admin/tokens/provider/?status={status}&p={math.ceil(pages / 2) if middle else pages}"

@@ -74,6 +74,10 @@ DEFAULTS: dict[str, Any] = {
     # process keeps refreshing through an endpoint's latency instead of waiting it out. 0: a
     # batch refreshes only the providers it was sent.
     "BATCH_PULL_EVERY": 0.25,
+    # ... for at most this long (seconds, and ending a second before BATCH_BUDGET); then it
+    # finishes what it began and the dispatcher sends to the next batch. A batch queued
+    # meanwhile waits about this long plus an endpoint's latency at most.
+    "BATCH_PULL_FOR": 5.0,
     # Celery queues: "urgent" carries the dispatcher and the refreshes somebody waits for (a
     # new or changed provider, a reader, an operator); "scheduled" carries batches and retries.
     # None: Celery's default routing. Consume them with separate workers, so that slow

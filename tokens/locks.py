@@ -166,18 +166,21 @@ def claim(kind: str, provider_id: int, seconds: float) -> bool:
         return bool(client().set(key(kind, provider_id), "1", nx=True, px=ttl_ms))
 
 
-def schedule_taken_mark(seconds: float) -> None:
-    """A batch took every provider that was due and has room for more: the dispatcher need
-    not claim any for ``seconds`` (the batch will take them as they fall due)."""
+def schedule_taken_mark(seconds: float, *, keeping_up: bool) -> None:
+    """A batch takes due providers as they fall due, for ``seconds`` at least: keeping up with
+    them (it took every one, none late), or in need of help (it had no room for them all, or
+    they had waited)."""
     with best_effort("mark the schedule taken"):
-        client().set(key("schedule", "taken"), "1", px=max(1, int(seconds * 1000)))
+        value = "up" if keeping_up else "help"
+        client().set(key("schedule", "taken"), value, px=max(1, int(seconds * 1000)))
 
 
-def schedule_taken() -> bool:
-    """Whether a batch takes due providers as they come (see ``schedule_taken_mark``); False
-    when Redis is unreachable (the dispatcher then claims them itself)."""
+def schedule_taken() -> str | None:
+    """How the schedule is taken (see ``schedule_taken_mark``): "up", "help", or None when no
+    batch takes it (or Redis is unreachable: the dispatcher then claims due providers itself)."""
     try:
         with translated():
-            return bool(client().exists(key("schedule", "taken")))
+            value = client().get(key("schedule", "taken"))
     except CacheUnavailable:
-        return False
+        return None
+    return value.decode() if isinstance(value, bytes) else None

@@ -58,11 +58,12 @@ def test_batch__takes_on_providers_that_fall_due_while_its_requests_are_in_fligh
     assert len(first.requests) == 1 and len(later.requests) == 4
 
 
-def test_batch__with_no_room_takes_nothing_and_the_dispatcher_sends_what_falls_due(
+def test_batch__with_no_room_asks_for_help_and_an_empty_batch_takes_what_is_due(
     settings,
 ) -> None:
-    """A batch at TOKENS_HTTP_CONCURRENCY takes on nothing: what falls due meanwhile stays
-    due for the dispatcher, which sends it for another process."""
+    """A batch at TOKENS_HTTP_CONCURRENCY takes on nothing and asks for help: the dispatcher
+    claims nothing (claimed providers would wait behind busy processes) and sends an empty
+    batch, which takes what is due wherever a process is free."""
     settings.TOKENS_BATCH_PULL_EVERY = 0.05
     settings.TOKENS_HTTP_CONCURRENCY = 1
     with GatedEndpoint() as endpoint:
@@ -71,12 +72,45 @@ def test_batch__with_no_room_takes_nothing_and_the_dispatcher_sends_what_falls_d
         due_now(waiting)
         runner, _ = in_thread(refresh_batch, [sent.pk])
         endpoint.wait_in_flight(1)
-        time.sleep(0.5)  # ten pull periods
-        assert state(waiting).next_run_at <= timezone.now()
-        assert schedule.due_dispatch() == [[waiting.pk]]
+        wait_for(lambda: locks.schedule_taken() == "help", timeout=10)
+        assert state(waiting).next_run_at <= timezone.now()  # not taken on: no room
+        assert schedule.due_dispatch() == [[]]
+        assert state(waiting).next_run_at <= timezone.now()  # nor claimed
+        assert [message["args"][0] for message in broker_messages("tokens.scheduled")] == [[]]
         endpoint.open()
         runner.join(timeout=60)
-    assert len(endpoint.requests) == 1
+        assert not Token.objects.filter(provider=waiting).exists()
+        refresh_batch([])  # the empty batch, where a process is free
+    assert Token.objects.filter(provider=waiting).count() == 1
+    assert state(waiting).next_run_at > timezone.now()
+    assert len(endpoint.requests) == 2
+
+
+def test_batch__takes_on_providers_for_batch_pull_for_then_hands_the_schedule_on(
+    settings,
+) -> None:
+    """After TOKENS_BATCH_PULL_FOR a batch only finishes what it began (so that a batch queued
+    behind it never waits long), and asks for help: a provider due later is left to the
+    empty batch the dispatcher sends, wherever a process is free."""
+    settings.TOKENS_BATCH_PULL_EVERY = 0.05
+    settings.TOKENS_BATCH_PULL_FOR = 0.5
+    settings.TOKENS_DISPATCH_EVERY = 5.0  # the mark lasts a dispatch at least
+    with GatedEndpoint() as endpoint:
+        sent = make_provider("sent", config=oauth2_config(endpoint.url), interval=60)
+        early, late = (make_provider(n, config=oauth2_config(endpoint.url)) for n in "el")
+        due_now(early)
+        runner, _ = in_thread(refresh_batch, [sent.pk])
+        endpoint.wait_in_flight(2)  # taken on: its time to take on more is open
+        wait_for(lambda: locks.schedule_taken() == "help", timeout=10)  # and over
+        due_now(late)
+        time.sleep(0.3)  # six pull periods
+        assert state(late).next_run_at <= timezone.now()
+        assert endpoint.in_flight == 2
+        assert schedule.due_dispatch() == [[]]
+        endpoint.open()
+        runner.join(timeout=60)
+    assert Token.objects.filter(provider__in=[sent, early]).count() == 2
+    assert not Token.objects.filter(provider=late).exists()
 
 
 def test_batch__a_provider_it_took_on_but_could_not_begin_by_its_deadline_is_handed_on(
@@ -86,7 +120,7 @@ def test_batch__a_provider_it_took_on_but_could_not_begin_by_its_deadline_is_han
     past the batch's budget: handed on in a new batch, like the batch's own providers."""
     settings.TOKENS_BATCH_PULL_EVERY = 0.05
     settings.TOKENS_HTTP_PER_HOST = 1
-    settings.TOKENS_BATCH_BUDGET = 1.0
+    settings.TOKENS_BATCH_BUDGET = 2.0  # taking on ends a second before it
     with GatedEndpoint() as first, GatedEndpoint() as later:
         sent = make_provider("sent", config=oauth2_config(first.url), interval=60)
         taken = [make_provider(f"taken-{i}", config=oauth2_config(later.url)) for i in range(2)]
@@ -95,31 +129,35 @@ def test_batch__a_provider_it_took_on_but_could_not_begin_by_its_deadline_is_han
         runner, _ = in_thread(refresh_batch, [sent.pk])
         later.wait_in_flight(1)
         assert all(state(p).next_run_at > timezone.now() for p in taken)
-        wait_for(lambda: time.monotonic() > started + 1.5, timeout=10)  # past the budget
+        wait_for(lambda: time.monotonic() > started + 2.5, timeout=10)  # past the budget
         first.open()
         later.open()
         runner.join(timeout=60)
     begun = Token.objects.get(provider__in=taken).provider
     (behind,) = [p for p in taken if p != begun]
-    assert [message["args"][0] for message in broker_messages("tokens.scheduled")] == [
-        [behind.pk]
-    ]
+    assert [message["args"][0] for message in broker_messages("tokens.scheduled")] == [[behind.pk]]
     assert len(later.requests) == 1
 
 
 def test_due_take__leaves_the_schedule_to_the_batch_only_while_it_keeps_up(settings) -> None:
-    """The dispatcher pauses only after a take that got every due provider, none of them late;
-    a full take, or one that found providers waiting for long, lets it claim."""
-    settings.TOKENS_BATCH_PULL_EVERY = 10.0  # the pause, 20 s, outlasts the test
+    """A take that got every due provider, none of them late, keeps up: the dispatcher sends
+    nothing. One with no room for them all, or that found them waiting for long, asks for help:
+    the dispatcher sends an empty batch. Either way it claims none."""
+    settings.TOKENS_BATCH_PULL_EVERY = 10.0  # the mark, 20 s, outlasts the test
     providers = [make_provider(f"p-{i}", interval=60) for i in range(3)]
+    assert locks.schedule_taken() is None
     due_now(*providers[:2])
-    assert schedule.due_take(limit=1) == [providers[0].pk]  # full: no pause
-    assert not locks.schedule_taken()
+    assert schedule.due_take(limit=1) == [providers[0].pk]  # full
+    assert locks.schedule_taken() == "help"
     due_now(providers[2], ago=25)  # late by more than two pull periods
     assert sorted(schedule.due_take(limit=10)) == sorted([providers[1].pk, providers[2].pk])
-    assert not locks.schedule_taken()
-    assert schedule.due_take(limit=10) == []  # kept up: nothing was due
-    assert locks.schedule_taken()
+    assert locks.schedule_taken() == "help"
+    due_now(providers[0])
+    assert schedule.due_dispatch() == [[]]
+    assert schedule.due_take(limit=0) == []  # no room at all: only says so
+    assert locks.schedule_taken() == "help"
+    assert schedule.due_take(limit=10) == [providers[0].pk]  # kept up
+    assert locks.schedule_taken() == "up"
     due_now(providers[0])
     assert schedule.due_dispatch() == []
-    assert state(providers[0]).next_run_at <= timezone.now()  # left for the batch to take
+    assert state(providers[0]).next_run_at <= timezone.now()  # left for the batches to take

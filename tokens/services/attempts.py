@@ -106,11 +106,13 @@ def attempts_run(
     ``on_finished``, in this thread, as they finish: ``group`` at a time, or fewer once the
     first of them has waited FLUSH_AFTER (a slow endpoint never holds back a fast one's token).
 
-    While calls are in flight and every provider is begun, ``more`` is asked, every
-    TOKENS_BATCH_PULL_EVERY until ``deadline``, for as many providers as there is room for;
-    they are called the same way. Those not begun by ``deadline`` are left out; a call given
-    up keeps its provider's lock (removed from ``held``) until it expires, so no second call
-    can overlap it. Interrupted when a time limit stops them."""
+    While calls are in flight, ``more`` is asked, every TOKENS_BATCH_PULL_EVERY for
+    TOKENS_BATCH_PULL_FOR (ending a second before ``deadline``), for as many providers as
+    there is room for (0 while every slot is taken or providers wait for their host, and once
+    when that time is over); they are called the same way. Those not
+    begun by ``deadline`` are left out; a call given up keeps its provider's lock (removed
+    from ``held``) until it expires, so no second call can overlap it. Interrupted when a time
+    limit stops them."""
     if len(providers) == 1 and more is None:
         attempt = Attempt(providers[0], fences[providers[0].pk], timezone.now(), time.monotonic())
         try:
@@ -153,7 +155,12 @@ class _Batch:
         self._wait_for(providers)
         self.pull_every = tokens_settings.seconds("BATCH_PULL_EVERY")
         self.more = more if self.pull_every > 0 else None
-        self.pull_at = time.monotonic() + self.pull_every
+        now = time.monotonic()
+        self.pull_at = now + self.pull_every
+        # A second before the deadline at the latest: what a pull claims is begun inside it.
+        self.pull_until = now + tokens_settings.seconds("BATCH_PULL_FOR")
+        if deadline is not None:
+            self.pull_until = min(self.pull_until, deadline - 1.0)
         self.running: Counter[object] = Counter()
         self.in_flight = 0
         self.started: list[Attempt] = []
@@ -177,7 +184,7 @@ class _Batch:
                     self.on_finished(ready)
                 if over:
                     break
-                if room:
+                if room is not None:
                     self._pull(room)
             self._close()
         except TIME_LIMITS as limit:
@@ -216,13 +223,18 @@ class _Batch:
             self.waiting.setdefault(_origin(provider), deque()).append(provider)
 
     def _pull(self, room: int) -> None:
-        """Take on up to ``room`` more providers (``more``); a failure to get them ends the
+        """Take on up to ``room`` more providers (``more``; with no room, it only says so, as
+        it does once when its time to take on more is over); a failure to get them ends the
         pulling, not the batch (the providers it had claimed are not in the results: the
         caller hands them on)."""
-        self.pull_at = time.monotonic() + self.pull_every
-        assert self.more is not None
+        now = time.monotonic()
+        self.pull_at = now + self.pull_every
+        more = self.more
+        assert more is not None
+        if now >= self.pull_until:
+            self.more = None
         try:
-            providers, fences = self.more(room)
+            providers, fences = more(room)
         except Exception:
             logger.exception("tokens: a batch could not take on more due providers")
             self.more = None
@@ -231,10 +243,10 @@ class _Batch:
             self.fences.update(fences)
             self._wait_for(providers)
 
-    def _next(self, grace: float | None) -> tuple[list[Attempt], bool, int]:
+    def _next(self, grace: float | None) -> tuple[list[Attempt], bool, int | None]:
         """Begin what may begin; then the attempts to hand on now, whether the batch is over
         (nothing waits or runs, or its grace has passed), and how many more providers to take
-        on now (``more``; 0: none)."""
+        on now (``more``; None: not now)."""
         with self.changed:
             while True:
                 now = time.monotonic()
@@ -247,25 +259,22 @@ class _Batch:
                     grace is not None and now >= grace
                 )
                 # Room while calls are in flight and nothing waits (a saturated host's
-                # providers wait: more would only queue behind them).
-                room = self.total - self.in_flight
-                pulling = (
-                    self.more is not None
-                    and before_deadline
-                    and not over
-                    and not self.waiting
-                    and room > 0
-                )
-                pull = room if pulling and now >= self.pull_at else 0
+                # providers wait: more would only queue behind them); with none, ``more`` is
+                # still told, so that the schedule is taken by another process.
+                pulling = self.more is not None and not over
+                pull: int | None = None
+                if pulling and now >= min(self.pull_at, self.pull_until):
+                    full = self.waiting or now >= self.pull_until
+                    pull = 0 if full else max(0, self.total - self.in_flight)
                 if self.done and (
                     over
-                    or pull
+                    or pull is not None
                     or len(self.done) >= self.group
                     or (self.done_since is not None and now - self.done_since >= FLUSH_AFTER)
                 ):
                     ready, self.done, self.done_since = self.done, [], None
                     return ready, over, pull
-                if over or pull:
+                if over or pull is not None:
                     return [], over, pull
                 wake = [] if grace is None else [grace]
                 if self.waiting and self.deadline is not None:
@@ -273,7 +282,7 @@ class _Batch:
                 if self.done_since is not None:
                     wake.append(self.done_since + FLUSH_AFTER)
                 if pulling:
-                    wake.append(self.pull_at)
+                    wake.append(min(self.pull_at, self.pull_until))
                 self.changed.wait(timeout=max(0.0, min(wake) - now) if wake else None)
 
     def _begin_one(self) -> bool:

@@ -155,12 +155,23 @@ def due_dispatch(*, now: datetime | None = None) -> list[list[int]]:
 
     Each claimed provider's ``next_run_at`` moves one interval on (a run missed by more than an
     interval is dropped, not caught up). Two claims never take one provider: rows are locked
-    (PostgreSQL: SKIP LOCKED) or the transaction holds SQLite's write lock. Claims nothing
-    while a running batch takes due providers as they fall due (``due_take``). Returns the
-    batches sent (ids), oldest due first.
+    (PostgreSQL: SKIP LOCKED) or the transaction holds SQLite's write lock.
+
+    While running batches take due providers as they fall due (``due_take``), it claims
+    none: when they keep up it sends nothing, and when one asks for help it sends an empty
+    batch, which takes what is due wherever a worker process is free (claimed providers would
+    wait in the queue behind busy processes; an empty batch holds none). Returns the batches
+    sent (ids), oldest due first.
     """
     now = now or timezone.now()
-    if locks.schedule_taken():
+    taken = locks.schedule_taken()
+    if taken == "help":
+        # Stale once the batches it was meant to help have stopped taking on providers.
+        queue.batch_send(
+            provider_ids=[], due=None, expires=tokens_settings.seconds("BATCH_PULL_FOR")
+        )
+        return [[]]
+    if taken:
         return []
     with transaction.atomic():
         due = _claim(now=now, limit=int(tokens_settings.DISPATCH_LIMIT))
@@ -188,19 +199,30 @@ def due_dispatch(*, now: datetime | None = None) -> list[list[int]]:
     return [ids for ids, _, _ in batches]
 
 
+# A take leaves the schedule to the batches for this many TOKENS_BATCH_PULL_EVERY: a batch
+# whose next take comes a little late (a busy process) is not taken for gone.
+TAKEN_FOR = 4
+
+
 def due_take(*, limit: int) -> list[int]:
-    """For a batch whose requests are in flight: claim up to ``limit`` providers whose
+    """For a batch with room for ``limit`` more: claim up to that many providers whose
     scheduled refresh is due, oldest first, as ``due_dispatch`` does, and return them for the
-    batch to refresh itself. When it took every one that was due, none of them late, the
-    dispatcher leaves the schedule to it for two TOKENS_BATCH_PULL_EVERY (a batch that is full,
-    or falls behind, stops renewing that, and the dispatcher sends to other processes again)."""
+    batch to refresh itself. The dispatcher leaves the schedule to the batches that take it
+    for TAKEN_FOR TOKENS_BATCH_PULL_EVERY (a dispatch at least): keeping up when this took
+    every provider that was due, none of them late; asking for help (another process) when it
+    had no room for them all (none: a batch at its bound, or done taking on more) or they had
+    waited."""
     now = timezone.now()
-    with transaction.atomic():
-        due = _claim(now=now, limit=max(0, limit))
+    due = []
+    if limit > 0:
+        with transaction.atomic():
+            due = _claim(now=now, limit=limit)
     every = tokens_settings.seconds("BATCH_PULL_EVERY")
     behind = bool(due) and (now - due[0][1]).total_seconds() > 2 * every
-    if len(due) < limit and not behind:
-        locks.schedule_taken_mark(2 * every)
+    locks.schedule_taken_mark(
+        max(TAKEN_FOR * every, tokens_settings.seconds("DISPATCH_EVERY")),
+        keeping_up=len(due) < limit and not behind,
+    )
     if due:
         metrics.SCHEDULE_DISPATCHED.inc(len(due))
         metrics.SCHEDULE_LATENESS.observe(max(0.0, (now - due[0][1]).total_seconds()))
