@@ -192,9 +192,7 @@ def freshness(report: Report, quick: bool) -> None:
     )
 
 
-def start_worker(
-    concurrency: int = 2, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
+def start_worker(concurrency: int = 2) -> subprocess.Popen[bytes]:
     log = open(STATE / "bench-worker.log", "ab")  # noqa: SIM115  (every worker of a run)
     worker = subprocess.Popen(
         [
@@ -213,7 +211,6 @@ def start_worker(
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
     )
     from project.celery import app
 
@@ -521,14 +518,6 @@ def throughput_endpoint(report: Report, quick: bool) -> None:
 # ---------------------------------------------------------------------------- main
 
 
-# Settings for endpoints that take a second (docs/PERFORMANCE.md, figure 5).
-TUNED = {
-    "TOKENS_DISPATCH_EVERY": "2",
-    "TOKENS_DISPATCH_BATCH": "400",
-    "TOKENS_HTTP_CONCURRENCY": "400",
-}
-
-
 def large(report: Report, quick: bool, worker: subprocess.Popen[bytes] | None) -> None:
     """Figure 9: 100,000 providers every 10 minutes on PostgreSQL (the schedule against the
     token endpoint at 200 ms), and the operator surfaces at that size."""
@@ -563,7 +552,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes")
     parser.add_argument(
         "--figures",
-        default="1,2,3,4,5,6,7,8,9,10,11",
+        default="1,2,3,4,5,6,7,8,9,11",
         help="comma-separated figure numbers to measure (default: all)",
     )
     args = parser.parse_args()
@@ -605,7 +594,7 @@ def main() -> int:
             freshness(report, args.quick)
         if 6 in figures:
             memory_layer(report, args.quick)
-        if figures & {3, 4, 5, 6, 7, 8, 9, 10}:
+        if figures & {3, 4, 5, 6, 7, 8, 9}:
             worker = start_worker()
         if 3 in figures:
             cold_first_token(report, args.quick)
@@ -629,27 +618,6 @@ def main() -> int:
             count, every = (1_000, 10) if args.quick else (10_000, 60)
             for latency in (0.2, 1.0):
                 scale_endpoint(report, worker, count=count, every=every, periods=2, latency=latency)
-        if 10 in figures:
-            # At 1 s a worker process mostly waits out its batch's latency: fewer, larger
-            # batches (one dispatch every 2 s) keep 2 processes ahead. Its own worker and beat.
-            from bench.scale import scale_endpoint
-
-            count, every = (1_000, 10) if args.quick else (10_000, 60)
-            assert worker is not None
-            processes.stop(worker, timeout=30)
-            worker = start_worker(env=TUNED)
-            scale_endpoint(
-                report,
-                worker,
-                count=count,
-                every=every,
-                periods=2,
-                latency=1.0,
-                tuned=TUNED,
-                figure="10",
-            )
-            processes.stop(worker, timeout=30)
-            worker = start_worker()
         if 9 in figures:
             large(report, args.quick, worker)
         if 11 in figures:

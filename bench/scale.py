@@ -25,7 +25,7 @@ STATE = ROOT / ".state"
 CALLS = "bench:sched"  # the generator pushes "<provider id>:<unix time>" for every call
 
 
-def start_beat(name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_beat(name: str) -> subprocess.Popen[bytes]:
     log = open(STATE / f"bench-{name}.log", "wb")  # noqa: SIM115
     return subprocess.Popen(
         [
@@ -40,7 +40,6 @@ def start_beat(name: str, env: dict[str, str] | None = None) -> subprocess.Popen
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
     )
 
 
@@ -271,7 +270,6 @@ def scale_endpoint(
     periods: int,
     latency: float,
     figure: str = "5",
-    tuned: dict[str, str] | None = None,
 ) -> None:
     """``count`` oauth2_client_credentials providers at one interval against the bench's token
     endpoint answering after ``latency`` seconds. Every scheduled due time must see a new token
@@ -279,10 +277,7 @@ def scale_endpoint(
     includes the endpoint's latency. Measured from a few seconds after the start (the first
     runs are already spread over the interval by each provider's phase), with a tail of 10 %
     of the interval for the last due times (a run later than that misses the target anyway)."""
-    from django.test import override_settings
-
-    with override_settings(**{name: float(value) for name, value in (tuned or {}).items()}):
-        _scale_endpoint(report, worker, count, every, periods, latency, figure, tuned)
+    _scale_endpoint(report, worker, count, every, periods, latency, figure)
 
 
 def _scale_endpoint(
@@ -293,7 +288,6 @@ def _scale_endpoint(
     periods: int,
     latency: float,
     figure: str,
-    tuned: dict[str, str] | None,
 ) -> None:
     from django.db import connection
 
@@ -336,7 +330,7 @@ def _scale_endpoint(
             for pk, due in ProviderState.objects.values_list("provider_id", "next_run_at")
         }
         started = time.time()
-        beat = start_beat("beat-endpoint", env=tuned)
+        beat = start_beat("beat-endpoint")
         rss: list[int] = []
         try:
             warmup = 5.0
@@ -376,8 +370,7 @@ def _scale_endpoint(
     report.add(
         f"{figure}. scale: {count:,} providers every {every} s against a token endpoint answering "
         f"after {latency * 1000:.0f} ms ({ENDPOINT_PORTS} ports), one beat, worker prefork -c 2, "
-        f"{connection.vendor} ({dues:,} scheduled runs in {periods} period(s))"
-        + (", " + " ".join(f"{k}={v}" for k, v in tuned.items()) if tuned else ", defaults"),
+        f"{connection.vendor} ({dues:,} scheduled runs in {periods} period(s))" + ", defaults",
         f"lateness p99 {p99:.2f} s (due → new token stored)",
         f"p50 {p50:.2f} s; {missed} missed, {extra} extra; {requests:,} token requests in "
         f"{ran:.0f} s",

@@ -187,6 +187,10 @@ TOKENS_DISPATCH_EVERY = env.float("TOKENS_DISPATCH_EVERY", default=1.0)
 TOKENS_DISPATCH_BATCH = env.int("TOKENS_DISPATCH_BATCH", default=200)
 TOKENS_HTTP_CONCURRENCY = env.int("TOKENS_HTTP_CONCURRENCY", default=200)
 TOKENS_HTTP_PER_HOST = env.int("TOKENS_HTTP_PER_HOST", default=50)
+# While its requests are in flight, a batch takes on the providers that fall due, this often,
+# for this long (seconds; TOKENS_BATCH_PULL_EVERY=0: never).
+TOKENS_BATCH_PULL_EVERY = env.float("TOKENS_BATCH_PULL_EVERY", default=0.25)
+TOKENS_BATCH_PULL_FOR = env.float("TOKENS_BATCH_PULL_FOR", default=5.0)
 # Two lanes, each consumed by its own worker (Procfile, docker-compose.yml): the dispatcher and
 # the refreshes somebody waits for never queue behind scheduled batches of slow endpoints.
 TOKENS_QUEUE_URGENT = env.str("TOKENS_QUEUE_URGENT", default="tokens.urgent")
