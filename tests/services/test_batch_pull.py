@@ -161,3 +161,24 @@ def test_due_take__leaves_the_schedule_to_the_batch_only_while_it_keeps_up(setti
     due_now(providers[0])
     assert schedule.due_dispatch() == []
     assert state(providers[0]).next_run_at <= timezone.now()  # left for the batches to take
+
+
+def test_batch__a_time_limit_while_taking_on_more_stops_the_batch(settings, monkeypatch) -> None:
+    """Celery's soft time limit is raised wherever the task is: inside a take it stops the
+    batch like anywhere else (never swallowed as a failed take), and what was begun is handed
+    on in a new batch."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    settings.TOKENS_BATCH_PULL_EVERY = 0.05
+
+    def limit_reached(*, limit: int) -> list[int]:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(schedule, "due_take", limit_reached)
+    with GatedEndpoint() as endpoint:
+        sent = make_provider("sent", config=oauth2_config(endpoint.url), interval=60)
+        with pytest.raises(SoftTimeLimitExceeded):
+            refresh_batch([sent.pk])  # its request is held: the first take comes meanwhile
+        endpoint.open()
+    assert [message["args"][0] for message in broker_messages("tokens.scheduled")] == [[sent.pk]]
+    assert "time limit" in state(sent).last_error

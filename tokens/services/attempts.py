@@ -109,10 +109,9 @@ def attempts_run(
     While calls are in flight, ``more`` is asked, every TOKENS_BATCH_PULL_EVERY for
     TOKENS_BATCH_PULL_FOR (ending a second before ``deadline``), for as many providers as
     there is room for (0 while every slot is taken or providers wait for their host, and once
-    when that time is over); they are called the same way. Those not
-    begun by ``deadline`` are left out; a call given up keeps its provider's lock (removed
-    from ``held``) until it expires, so no second call can overlap it. Interrupted when a time
-    limit stops them."""
+    when that time is over); they are called the same way. Those not begun by ``deadline``
+    are left out; a call given up keeps its provider's lock (removed from ``held``) until it
+    expires, so no second call can overlap it. Interrupted when a time limit stops them."""
     if len(providers) == 1 and more is None:
         attempt = Attempt(providers[0], fences[providers[0].pk], timezone.now(), time.monotonic())
         try:
@@ -235,6 +234,8 @@ class _Batch:
             self.more = None
         try:
             providers, fences = more(room)
+        except TIME_LIMITS:
+            raise
         except Exception:
             logger.exception("tokens: a batch could not take on more due providers")
             self.more = None
@@ -250,8 +251,7 @@ class _Batch:
         with self.changed:
             while True:
                 now = time.monotonic()
-                before_deadline = self.deadline is None or now < self.deadline
-                if not before_deadline:
+                if self.deadline is not None and now >= self.deadline:
                     self.waiting.clear()  # not begun: the caller hands them on
                 while self._begin_one():
                     pass

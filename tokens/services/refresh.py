@@ -76,6 +76,8 @@ def refresh_many(
 
             def more(room: int) -> tuple[list[Provider], dict[int, int]]:
                 ids = pull(room)
+                if not ids:
+                    return [], {}
                 locked.update(locks.locks_acquire(ids))
                 return _begin_list(_due_now(ids, reason, locked, results), results)
 
