@@ -223,6 +223,8 @@ def test_list__any_page_costs_a_fixed_number_of_queries_and_one_redis_read(
     assert (names[0], names[-1], len(names)) == (first, last, count)
     # The page's badges: one read for 100 rows (and one for the status filter's refreshing).
     assert stats["cmdstat_mget"]["calls"] <= 2
+    # One count, the list's (its pages need it): not the whole table again beside it.
+    assert sum("COUNT(" in q["sql"] for q in queries.captured_queries) == 1
     # The query that slices the list (none when it fits on one page) reads only the ids.
     for sql in [q["sql"] for q in queries.captured_queries if "OFFSET" in q["sql"]]:
         columns = sql.split(" FROM ")[0]

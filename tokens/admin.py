@@ -122,6 +122,9 @@ class ProviderAdmin(admin.ModelAdmin):
     search_fields = ["name"]
     list_select_related = ["refresh_state"]
     paginator = PageByIds
+    # A filtered list counts its matches (its pages need that), not every provider again
+    # beside them ("N results (M total)"): a second whole-table count on each page at 100,000.
+    show_full_result_count = False
     actions = ["refresh_now", "enable", "disable"]
     inlines = [ProviderStateInline, TokenInline]
     readonly_fields = [
