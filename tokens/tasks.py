@@ -68,11 +68,11 @@ def dispatch_due() -> None:
 
 @shared_task(name=BATCH_TASK, ignore_result=True, bind=True, throws=(RefreshFailed,))
 def refresh_batch(self: Task, provider_ids: list[int]) -> None:
-    """The scheduled refresh of each provider (a failing one never stops the others; none:
-    of those due now), and of those that fall due while its requests are in flight
-    (TOKENS_BATCH_PULL_EVERY). What is not begun when the batch's time budget runs out (slow
-    endpoints) goes on in a new task, well inside the time limits; failures are tried again
-    after their backoff."""
+    """The scheduled refresh of each provider (a failing one never stops the others), or,
+    with no ids (the dispatcher's help for busy batches), of those due now; and of those that
+    fall due while its requests are in flight (TOKENS_BATCH_PULL_EVERY). What is not begun
+    when the batch's time budget runs out (slow endpoints) goes on in a new task, well inside
+    the time limits; failures are tried again after their backoff."""
     deadline = time.monotonic() + tokens_settings.seconds("BATCH_BUDGET")
     header = self.request.get(DUE_HEADER)
     due = float(header) if header is not None else None
