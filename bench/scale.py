@@ -277,18 +277,6 @@ def scale_endpoint(
     includes the endpoint's latency. Measured from a few seconds after the start (the first
     runs are already spread over the interval by each provider's phase), with a tail of 10 %
     of the interval for the last due times (a run later than that misses the target anyway)."""
-    _scale_endpoint(report, worker, count, every, periods, latency, figure)
-
-
-def _scale_endpoint(
-    report: Report,
-    worker: subprocess.Popen[bytes],
-    count: int,
-    every: int,
-    periods: int,
-    latency: float,
-    figure: str,
-) -> None:
     from django.db import connection
 
     from bench.endpoint import TokenEndpoint
@@ -370,7 +358,7 @@ def _scale_endpoint(
     report.add(
         f"{figure}. scale: {count:,} providers every {every} s against a token endpoint answering "
         f"after {latency * 1000:.0f} ms ({ENDPOINT_PORTS} ports), one beat, worker prefork -c 2, "
-        f"{connection.vendor} ({dues:,} scheduled runs in {periods} period(s))" + ", defaults",
+        f"{connection.vendor} ({dues:,} scheduled runs in {periods} period(s)), defaults",
         f"lateness p99 {p99:.2f} s (due → new token stored)",
         f"p50 {p50:.2f} s; {missed} missed, {extra} extra; {requests:,} token requests in "
         f"{ran:.0f} s",
