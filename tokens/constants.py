@@ -16,6 +16,9 @@ LEGACY_ENTRY_PREFIX = "tokens.refresh:"  # per-provider entries of earlier versi
 REASON_HEADER = "tokens_reason"
 # When the oldest provider of a scheduled batch fell due (Unix time), for the lateness metric.
 DUE_HEADER = "tokens_due"
+# On a batch handed on after an unexpected error (the database unreachable, say): handed on once
+# only, so that an error that persists cannot keep a batch going round.
+AFTER_ERROR_HEADER = "tokens_after_error"
 
 
 class Reason(enum.StrEnum):

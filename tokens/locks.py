@@ -175,6 +175,23 @@ def schedule_taken_mark(seconds: float, *, keeping_up: bool) -> None:
         client().set(key("schedule", "taken"), value, px=max(1, int(seconds * 1000)))
 
 
+# Withdraw "up" only: a batch asking for help still wants the dispatcher's empty batch.
+_UP_END = """
+if redis.call('GET', KEYS[1]) == 'up' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def schedule_taken_end() -> None:
+    """A batch that took due providers stops taking: a mark saying the batches keep up goes
+    (the dispatcher claims due providers again at its next tick, not a mark's life later; a
+    batch still taking marks again at its next take)."""
+    with best_effort("end the schedule's taken mark"):
+        client().register_script(_UP_END)(keys=[key("schedule", "taken")])
+
+
 def schedule_taken() -> str | None:
     """How the schedule is taken (see ``schedule_taken_mark``): "up", "help", or None when no
     batch takes it (or Redis is unreachable: the dispatcher then claims due providers itself)."""

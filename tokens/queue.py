@@ -15,7 +15,14 @@ from celery import current_app
 from django.db import transaction
 
 from tokens.conf import tokens_settings
-from tokens.constants import BATCH_TASK, DUE_HEADER, REASON_HEADER, REFRESH_TASK, Reason
+from tokens.constants import (
+    AFTER_ERROR_HEADER,
+    BATCH_TASK,
+    DUE_HEADER,
+    REASON_HEADER,
+    REFRESH_TASK,
+    Reason,
+)
 from tokens.models import Provider
 
 
@@ -97,11 +104,15 @@ def batch_send(
     provider_ids: list[int],
     due: float | None,
     names: list[str] | None = None,
+    after_error: bool = False,
     **options: Any,
 ) -> None:
     """Send the scheduled refresh of ``provider_ids`` (one task; ``names`` theirs, in order);
-    ``due``: when the oldest fell due (Unix time), for the lateness metric."""
+    ``due``: when the oldest fell due (Unix time), for the lateness metric; ``after_error``:
+    handed on by a batch that an unexpected error stopped."""
     headers = {DUE_HEADER: repr(float(due))} if due is not None else {}
+    if after_error:
+        headers[AFTER_ERROR_HEADER] = "1"
     current_app.send_task(
         BATCH_TASK,
         args=(list(provider_ids),),

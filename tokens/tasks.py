@@ -10,6 +10,7 @@ from celery import Task, shared_task
 from tokens import locks, metrics, queue, selectors
 from tokens.conf import tokens_settings
 from tokens.constants import (
+    AFTER_ERROR_HEADER,
     BATCH_TASK,
     DISPATCH_TASK,
     DUE_HEADER,
@@ -78,17 +79,27 @@ def refresh_batch(self: Task, provider_ids: list[int]) -> None:
     due = float(header) if header is not None else None
     if due is not None:
         metrics.SCHEDULE_LATENESS.observe(max(0.0, time.time() - due))
-    taken = list(provider_ids)  # and those claimed from the schedule meanwhile
+    taken = list(dict.fromkeys(provider_ids))  # and those claimed from the schedule meanwhile
+    mine = set(taken)
+    # Claimed again while this batch has them (due again during their call: a short interval,
+    # or made due by a refresh that found this batch's lock): never begun twice at once, but
+    # handed on, to run once this batch has let their locks go.
+    again: list[int] = []
 
     def pull(room: int) -> list[int]:
         ids = schedule.due_take(limit=room)
-        taken.extend(ids)
-        return ids
+        again.extend(pid for pid in ids if pid in mine)
+        new = [pid for pid in ids if pid not in mine]
+        taken.extend(new)
+        mine.update(new)
+        return new
 
+    pulling = tokens_settings.seconds("BATCH_PULL_EVERY") > 0
     left: list[int] = []
+    after_error = False
     results: dict[int, RefreshResult] = {}
     try:
-        if not provider_ids and tokens_settings.seconds("BATCH_PULL_EVERY") > 0:
+        if not provider_ids and pulling:
             provider_ids = pull(int(tokens_settings.HTTP_CONCURRENCY))  # the dispatcher's help
         results = refresh.refresh_many(
             provider_ids=provider_ids, reason=Reason.SCHEDULE, deadline=deadline, pull=pull
@@ -96,17 +107,26 @@ def refresh_batch(self: Task, provider_ids: list[int]) -> None:
         for provider_id, result in results.items():
             if result.retry_in is not None:
                 queue.retry_send(provider_id=provider_id, retry_in=result.retry_in)
-        left = [provider_id for provider_id in taken if provider_id not in results]
+        left = [provider_id for provider_id in taken if provider_id not in results] + again
     except TIME_LIMITS:
         # Those stored already are fresh now and will be skipped; those stopped mid-call keep
         # their lock until it expires (so none is retried at once).
-        left = list(taken)
+        left = taken + again
         raise
     except Exception:
         for provider_id in taken:
             locks.pending_clear(provider_id)
+        # Claimed, so moved one interval on: handed on rather than dropped, once, after the
+        # locks of calls the error left running have expired (those stored are skipped then).
+        if not self.request.get(AFTER_ERROR_HEADER):
+            left, after_error = taken + again, True
         raise
     finally:
+        if pulling:
+            locks.schedule_taken_end()
         if left:
-            queue.batch_send(provider_ids=left, due=due)
+            options = {"countdown": tokens_settings.seconds("LOCK_TTL")} if after_error else {}
+            queue.batch_send(
+                provider_ids=list(dict.fromkeys(left)), due=due, after_error=after_error, **options
+            )
     _failed(results)

@@ -35,11 +35,11 @@ def test_batch__takes_on_providers_that_fall_due_while_its_requests_are_in_fligh
     """A batch of one held at its endpoint: the three providers due meanwhile are claimed (each
     moved one interval on) and requested before that one answers, and so is one that falls due
     later; the dispatcher claims none of them while the batch keeps up."""
-    settings.TOKENS_BATCH_PULL_EVERY = 1.0  # the dispatcher's pause lasts 2 s
+    settings.TOKENS_BATCH_PULL_EVERY = 1.0  # the dispatcher's pause lasts 4 s (4 pulls)
     with GatedEndpoint() as first, GatedEndpoint() as later:
         sent = make_provider("sent", config=oauth2_config(first.url), interval=60)
         due = [make_provider(f"due-{i}", config=oauth2_config(later.url)) for i in range(3)]
-        late = make_provider("late", config=oauth2_config(later.url))
+        late, last = (make_provider(n, config=oauth2_config(later.url)) for n in ("late", "last"))
         due_now(*due)
         runner, outcome = in_thread(refresh_batch, [sent.pk])
         first.wait_in_flight(1)
@@ -47,15 +47,18 @@ def test_batch__takes_on_providers_that_fall_due_while_its_requests_are_in_fligh
         assert all(state(p).next_run_at > timezone.now() for p in due)  # claimed: moved on
         due_now(late)
         later.wait_in_flight(4)
-        # Taken by the batch, which had room for more: the dispatcher sends nothing.
+        # The batch keeps up (it had room for more): due now, between two of its pulls, a
+        # provider is left to it; the dispatcher neither claims it nor sends anything.
+        due_now(last)
         assert schedule.due_dispatch() == []
         assert broker_messages("tokens.scheduled") == []
+        later.wait_in_flight(5)  # taken at the batch's next pull
         first.open()
         later.open()
         runner.join(timeout=60)
     assert outcome == [None]
-    assert Token.objects.filter(provider__in=[sent, *due, late]).count() == 5
-    assert len(first.requests) == 1 and len(later.requests) == 4
+    assert Token.objects.filter(provider__in=[sent, *due, late, last]).count() == 6
+    assert len(first.requests) == 1 and len(later.requests) == 5
 
 
 def test_batch__with_no_room_asks_for_help_and_an_empty_batch_takes_what_is_due(
@@ -182,3 +185,103 @@ def test_batch__a_time_limit_while_taking_on_more_stops_the_batch(settings, monk
         endpoint.open()
     assert [message["args"][0] for message in broker_messages("tokens.scheduled")] == [[sent.pk]]
     assert "time limit" in state(sent).last_error
+
+
+def test_batch__a_provider_due_again_during_its_call_is_not_called_twice_but_handed_on(
+    settings,
+) -> None:
+    """Due again while its request is in flight (a short interval, or made due by a refresh
+    that found the batch's lock): the batch claims it but never begins a second call of it
+    beside the first (a rotating refresh token sent twice ends the grant). It is handed on in
+    a new batch, which runs once this one has let its lock go."""
+    settings.TOKENS_BATCH_PULL_EVERY = 0.05
+    with GatedEndpoint() as endpoint:
+        config = oauth2_config(endpoint.url, scope="sent")
+        sent = make_provider("sent", config=config, interval=60)
+        marker = make_provider("marker", config=oauth2_config(endpoint.url, scope="marker"))
+
+        def callers() -> list[str]:
+            return [request.form["scope"] for request in endpoint.requests]
+
+        runner, outcome = in_thread(refresh_batch, [sent.pk])
+        endpoint.wait_in_flight(1)
+        due_now(sent)
+        wait_for(lambda: state(sent).next_run_at > timezone.now(), timeout=10)  # claimed again
+        # A later pull's provider begun: anything the earlier pull took was begun before it.
+        due_now(marker)
+        wait_for(lambda: "marker" in callers(), timeout=10)
+        assert callers() == ["sent", "marker"]  # sent once
+        endpoint.open()
+        runner.join(timeout=60)
+        assert outcome == [None]
+        assert endpoint.most_in_flight == 2
+        assert [message["args"][0] for message in broker_messages("tokens.scheduled")] == [
+            [sent.pk]
+        ]
+        assert not locks.locks_held([sent.pk])[0]  # let go: the new batch may take it
+        refresh_batch([sent.pk])  # the new batch: its token is fresh now, nothing to call
+    assert len(endpoint.requests) == 2
+    assert Token.objects.filter(provider=sent).count() == 1
+
+
+def test_batch__an_error_mid_batch_keeps_running_calls_locked_and_hands_the_batch_on_once(
+    settings, monkeypatch
+) -> None:
+    """The database fails as a batch stores its first token, while another call is in flight:
+    that call keeps its provider's lock until it expires (no refresh elsewhere overlaps it),
+    and the providers the batch had claimed (each moved one interval on) are handed on in a
+    new batch, after the locks' time (TOKENS_LOCK_TTL), rather than dropped until their next
+    run. A batch handed on after an error that fails again hands nothing on: an error that
+    persists never keeps a batch going round."""
+    from django.db import OperationalError
+
+    from tokens.constants import AFTER_ERROR_HEADER
+    from tokens.services import refresh
+
+    def unreachable(**kwargs: object) -> None:
+        raise OperationalError("the database is unreachable")
+
+    monkeypatch.setattr(refresh, "tokens_store_many", unreachable)
+    with GatedEndpoint() as fast, GatedEndpoint() as held:
+        fast.open()
+        first = make_provider("first", config=oauth2_config(fast.url), interval=60)
+        second = make_provider("second", config=oauth2_config(held.url), interval=60)
+        try:
+            with pytest.raises(OperationalError):
+                refresh_batch([first.pk, second.pk])
+            assert held.in_flight == 1
+            assert locks.locks_held([first.pk, second.pk]) == [False, True]
+            (message,) = broker_messages("tokens.scheduled")
+            assert message["args"][0] == [first.pk, second.pk]
+            assert message["headers"][AFTER_ERROR_HEADER] == "1"
+            assert message["headers"]["eta"] is not None  # after TOKENS_LOCK_TTL
+            refresh_batch.push_request(**{AFTER_ERROR_HEADER: "1"})
+            try:
+                with pytest.raises(OperationalError):
+                    refresh_batch([first.pk])
+            finally:
+                refresh_batch.pop_request()
+            assert len(broker_messages("tokens.scheduled")) == 1
+        finally:
+            held.open()
+    assert not Token.objects.filter(provider__in=[first, second]).exists()
+
+
+def test_batch__that_kept_up_withdraws_its_mark_when_it_ends(settings) -> None:
+    """A batch marks the schedule taken ("up") at each pull; when it ends, the mark goes with
+    it, so the dispatcher claims what falls due at its next tick rather than a mark's life
+    later."""
+    settings.TOKENS_BATCH_PULL_EVERY = 0.05
+    settings.TOKENS_DISPATCH_EVERY = 30.0  # the mark would last 30 s
+    with GatedEndpoint() as endpoint:
+        sent = make_provider("sent", config=oauth2_config(endpoint.url), interval=60)
+        later = make_provider("later", interval=60)
+        runner, outcome = in_thread(refresh_batch, [sent.pk])
+        endpoint.wait_in_flight(1)
+        wait_for(lambda: locks.schedule_taken() == "up", timeout=10)
+        endpoint.open()
+        runner.join(timeout=60)
+    assert outcome == [None]
+    assert locks.schedule_taken() is None
+    due_now(later)
+    assert schedule.due_dispatch() == [[later.pk]]

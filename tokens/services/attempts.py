@@ -187,12 +187,23 @@ class _Batch:
                     self._pull(room)
             self._close()
         except TIME_LIMITS as limit:
-            with self.changed:
-                self.cancelled = True  # a call not yet begun on its thread never begins
-                running = [a for a in self.started if a.finished is None]
-            for attempt in running:
-                _give_up(attempt, _stopped(attempt), self.held)
+            running = self._stop()
             raise Interrupted([a for a in running if a.given_up], limit) from None
+        except BaseException:
+            # Anything else (a store failing: the database unreachable): the calls still
+            # running keep their providers' locks until they expire, so that no refresh
+            # elsewhere overlaps them, as after a time limit.
+            self._stop()
+            raise
+
+    def _stop(self) -> list[Attempt]:
+        """Begin nothing more and give up the calls still running; those calls."""
+        with self.changed:
+            self.cancelled = True  # a call not yet begun on its thread never begins
+            running = [a for a in self.started if a.finished is None]
+        for attempt in running:
+            _give_up(attempt, _stopped(attempt), self.held)
+        return running
 
     def _close(self) -> None:
         """Give up the calls still running and hand on whatever was not handed on yet."""

@@ -58,7 +58,9 @@ def refresh_many(
     its own deadline), so one slow endpoint costs the others nothing; tokens are stored and
     cached as they come, per group of up to STORE_GROUP. While requests are in flight, ``pull``
     (the schedule's due providers) is asked for as many more as there is room for, and they
-    are refreshed the same way. A provider not yet begun when ``deadline`` (monotonic) has
+    are refreshed the same way; it never returns a provider this call was given before (one
+    claimed again while it is being refreshed is the caller's to hand on: two calls of a
+    provider never overlap). A provider not yet begun when ``deadline`` (monotonic) has
     passed is left out of the result: the caller hands it on.
     """
     results: dict[int, RefreshResult] = {}
