@@ -73,7 +73,8 @@ def refresh_batch(self: Task, provider_ids: list[int]) -> None:
     with no ids (the dispatcher's help for busy batches), of those due now; and of those that
     fall due while its requests are in flight (TOKENS_BATCH_PULL_EVERY). What is not begun
     when the batch's time budget runs out (slow endpoints) goes on in a new task, well inside
-    the time limits; failures are tried again after their backoff."""
+    the time limits; failures are tried again after their backoff. After an unexpected error
+    (the database unreachable), what it had claimed goes on once, after TOKENS_LOCK_TTL."""
     deadline = time.monotonic() + tokens_settings.seconds("BATCH_BUDGET")
     header = self.request.get(DUE_HEADER)
     due = float(header) if header is not None else None
