@@ -146,3 +146,16 @@ def test_readme_shows_the_integration_snippets_verbatim() -> None:
     assert len(snippets) == 6
     for snippet in snippets:
         assert snippet.read_text().rstrip("\n") in readme, snippet.name
+
+
+def test_compose__a_stopped_worker_may_finish_the_batch_it_runs() -> None:
+    """docker stop sends SIGTERM, then SIGKILL after the service's grace period (10 s unless
+    set). Celery's warm shutdown finishes the running task: a batch, at most its budget plus a
+    token request's timeout. Killed sooner, what the batch had claimed waits for its next run."""
+    from tokens.conf import tokens_settings
+
+    longest = tokens_settings.seconds("BATCH_BUDGET") + tokens_settings.seconds("HTTP_TIMEOUT")
+    for name in ("worker", "urgent"):
+        grace = re.fullmatch(r"(\d+)s", str(SERVICES[name].get("stop_grace_period", "10s")))
+        assert grace is not None, name
+        assert int(grace.group(1)) > longest, name
