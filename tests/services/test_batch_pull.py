@@ -36,6 +36,7 @@ def test_batch__takes_on_providers_that_fall_due_while_its_requests_are_in_fligh
     moved one interval on) and requested before that one answers, and so is one that falls due
     later; the dispatcher claims none of them while the batch keeps up."""
     settings.TOKENS_BATCH_PULL_EVERY = 1.0  # the dispatcher's pause lasts 4 s (4 pulls)
+    settings.TOKENS_BATCH_PULL_FOR = 60.0  # taking on all along (until a second before the budget)
     with GatedEndpoint() as first, GatedEndpoint() as later:
         sent = make_provider("sent", config=oauth2_config(first.url), interval=60)
         due = [make_provider(f"due-{i}", config=oauth2_config(later.url)) for i in range(3)]
@@ -243,12 +244,15 @@ def test_batch__an_error_mid_batch_keeps_running_calls_locked_and_hands_the_batc
 
     monkeypatch.setattr(refresh, "tokens_store_many", unreachable)
     with GatedEndpoint() as fast, GatedEndpoint() as held:
-        fast.open()
         first = make_provider("first", config=oauth2_config(fast.url), interval=60)
         second = make_provider("second", config=oauth2_config(held.url), interval=60)
         try:
-            with pytest.raises(OperationalError):
-                refresh_batch([first.pk, second.pk])
+            runner, outcome = in_thread(refresh_batch, [first.pk, second.pk])
+            fast.wait_in_flight(1)
+            held.wait_in_flight(1)
+            fast.open()  # the first token comes back; storing it fails
+            runner.join(timeout=60)
+            assert [type(error) for error in outcome] == [OperationalError]
             assert held.in_flight == 1
             assert locks.locks_held([first.pk, second.pk]) == [False, True]
             (message,) = broker_messages("tokens.scheduled")
