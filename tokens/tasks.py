@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 from celery import Task, shared_task
 
@@ -126,7 +127,9 @@ def refresh_batch(self: Task, provider_ids: list[int]) -> None:
         if pulling:
             locks.schedule_taken_end()
         if left:
-            options = {"countdown": tokens_settings.seconds("LOCK_TTL")} if after_error else {}
+            options: dict[str, Any] = (
+                {"countdown": tokens_settings.seconds("LOCK_TTL")} if after_error else {}
+            )
             queue.batch_send(
                 provider_ids=list(dict.fromkeys(left)), due=due, after_error=after_error, **options
             )
