@@ -16,18 +16,32 @@ from redis.lock import Lock
 
 from tokens.conf import tokens_settings
 from tokens.exceptions import CacheUnavailable
-from tokens.redis_client import best_effort, client, key, run_script, translated
+from tokens.redis_client import best_effort, client, key, translated
 
 logger = logging.getLogger("tokens")
 
-# Delete a lock only if it still holds our token (redis-py's Lock does the same, one at a time),
-# and take it out of the index of held locks.
+# Release locks and settle readers' claims, in one call: KEYS are the index of held locks, then
+# each provider's lock and "pending" claim; ARGV per provider its lock token, its id and the
+# claim's new lifetime in ms (-1: leave it, 0: delete it). A lock is deleted only if it still
+# holds our token (redis-py's Lock does the same, one at a time), and leaves the index.
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('ZREM', KEYS[2], ARGV[2])
-  return redis.call('DEL', KEYS[1])
+local released = {}
+for i = 0, (#KEYS - 1) / 2 - 1 do
+  local lock, pending = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+  local token, pid, ms = ARGV[1 + 3 * i], ARGV[2 + 3 * i], tonumber(ARGV[3 + 3 * i])
+  if ms == 0 then
+    redis.call('DEL', pending)
+  elseif ms > 0 then
+    redis.call('SET', pending, '1', 'PX', ms)
+  end
+  if redis.call('GET', lock) == token then
+    redis.call('ZREM', KEYS[1], pid)
+    released[#released + 1] = redis.call('DEL', lock)
+  else
+    released[#released + 1] = 0
+  end
 end
-return 0
+return released
 """
 
 
@@ -67,17 +81,23 @@ def locks_acquire(provider_ids: list[int]) -> dict[int, str]:
     return {pid: token for (pid, token), ok in zip(wanted.items(), taken, strict=True) if ok}
 
 
-def locks_release(held: dict[int, str]) -> None:
-    """Release locks taken by ``locks_acquire``; one that had expired (its holder outlived its
-    TTL) is logged."""
+def locks_release(
+    held: dict[int, str], *, clear: list[int] | None = None, hold: dict[int, float] | None = None
+) -> None:
+    """Release locks taken by ``locks_acquire`` (one round trip); one that had expired (its
+    holder outlived its TTL) is logged. ``clear`` and ``hold``, of the providers in ``held``:
+    as ``pending_settle``, in the same call, before each lock goes."""
     if not held:
         return
+    clear_ids, hold = set(clear or ()), hold or {}
+    keys: list[str] = [_held_index()]
+    args: list[str | int] = []
+    for pid, token in held.items():
+        keys += [key("lock", pid), key("pending", pid)]
+        ms = 0 if pid in clear_ids else max(1, int(hold[pid] * 1000)) if pid in hold else -1
+        args += [token, pid, ms]
     with best_effort("release refresh locks"):
-        script = client().register_script(_RELEASE)
-        released = run_script(
-            script,
-            [([key("lock", pid), _held_index()], [token, pid]) for pid, token in held.items()],
-        )
+        released = client().register_script(_RELEASE)(keys=keys, args=args)
         for pid, ok in zip(held, released, strict=True):
             if not ok:
                 logger.warning("tokens: refresh lock of provider %s expired before release", pid)

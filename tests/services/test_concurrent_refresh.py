@@ -17,6 +17,7 @@ from tests.gated import GatedEndpoint
 from tests.keys import TestCA
 from tests.processes import wait_for
 from tests.token_servers import _server_context
+from tokens import locks
 from tokens.constants import Outcome, Reason
 from tokens.exceptions import GeneratorError
 from tokens.generators.http import post_form
@@ -78,6 +79,35 @@ def test_batch__a_slow_host_never_holds_back_the_others_and_keeps_to_its_bound(s
     )
     assert slow.most_in_flight == 2 and len(slow.requests) == 5
     assert Token.objects.filter(provider__in=held).count() == 5
+
+
+def test_batch__a_provider_is_unlocked_once_stored_while_its_batch_runs_on(settings) -> None:
+    """A provider's lock goes, its readers' claim settled first, as soon as its token is stored,
+    not when the batch's slowest call ends: a Refresh now of it meanwhile (an API rejected the
+    new token) calls its endpoint at once instead of finding it "in flight"; the slow one's
+    lock stays until its own call ends."""
+    settings.TOKENS_READER_COOLDOWN = 60.0
+    with GatedEndpoint() as slow, GatedEndpoint() as fast:
+        fast.open()
+        held = make_provider("held", config=oauth2_config(slow.url))
+        done = make_provider("done", config=oauth2_config(fast.url))
+        runner, outcome = in_thread(
+            refresh.refresh_many, provider_ids=[held.pk, done.pk], reason=Reason.SCHEDULE
+        )
+        slow.wait_in_flight(1)  # both locks were taken before either call began
+        wait_for(lambda: locks.locks_held([done.pk]) == [False], timeout=30)
+        assert Token.objects.filter(provider=done).count() == 1  # stored before it was unlocked
+        assert not locks.claim("pending", done.pk, 1)  # readers wait out the cool-down
+        assert locks.locks_held([held.pk]) == [True]
+        again = refresh.token_refresh(provider_id=done.pk, reason=Reason.MANUAL)
+        assert again.outcome == Outcome.STORED
+        assert len(fast.requests) == 2 and slow.in_flight == 1
+        slow.open()
+        runner.join(timeout=60)
+    assert outcome[0][held.pk].outcome == Outcome.STORED
+    assert outcome[0][done.pk].outcome == Outcome.STORED
+    assert locks.locks_held([held.pk, done.pk]) == [False, False]
+    assert Token.objects.filter(provider=done).count() == 2
 
 
 def test_batch__requests_to_many_hosts_are_in_flight_together_up_to_the_process_bound(

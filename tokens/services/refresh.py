@@ -56,14 +56,16 @@ def refresh_many(
     versions are handed out in one statement. The generators' requests are then in flight
     together (TOKENS_HTTP_CONCURRENCY, at most TOKENS_HTTP_PER_HOST to one endpoint; each within
     its own deadline), so one slow endpoint costs the others nothing; tokens are stored and
-    cached as they come, per group of up to STORE_GROUP. While requests are in flight, ``pull``
-    (the schedule's due providers) is asked for as many more as there is room for, and they
-    are refreshed the same way; it never returns a provider this call was given before (one
-    claimed again while it is being refreshed is the caller's to hand on: two calls of a
-    provider never overlap). A provider not yet begun when ``deadline`` (monotonic) has
-    passed is left out of the result: the caller hands it on.
+    cached as they come, per group of up to STORE_GROUP, and each provider's lock goes once
+    its token is stored or its failure recorded (a call given up keeps it until it expires).
+    While requests are in flight, ``pull`` (the schedule's due providers) is asked for as many
+    more as there is room for, and they are refreshed the same way; it never returns a
+    provider this call was given before (one claimed again while it is being refreshed is the
+    caller's to hand on: two calls of a provider never overlap). A provider not yet begun when
+    ``deadline`` (monotonic) has passed is left out of the result: the caller hands it on.
     """
     results: dict[int, RefreshResult] = {}
+    settled: set[int] = set()  # readers' claims settled as their locks went
     try:
         held: dict[int, str] | None = locks.locks_acquire(provider_ids)
     except CacheUnavailable:
@@ -85,15 +87,15 @@ def refresh_many(
 
         if due and (deadline is None or time.monotonic() < deadline):
             try:
-                _refresh_due(*_begin_list(due, results), deadline, held, results, more)
+                _refresh_due(*_begin_list(due, results), deadline, held, results, more, settled)
             except Interrupted as stopped:
                 results.update(_record_failures(stopped.attempts))
-                _settle_pending(results)
+                _settle_pending(results, settled)
                 raise stopped.limit from None
     finally:
         if held:
             locks.locks_release(held)
-    _settle_pending(results)
+    _settle_pending(results, settled)
     return results
 
 
@@ -235,10 +237,12 @@ def _refresh_due(
     held: dict[int, str] | None,
     results: dict[int, RefreshResult],
     more: More | None,
+    settled: set[int],
 ) -> None:
     """Refresh ``providers`` (and what ``more`` adds), adding each one's result to ``results``
     as it comes (a time limit that stops the batch keeps the results of those stored before
-    it)."""
+    it); each one's lock (from ``held``) goes as soon as it is stored or its failure recorded,
+    its readers' claim settled first (added to ``settled``)."""
     if not providers:
         return
 
@@ -249,6 +253,16 @@ def _refresh_due(
         made = [a for a in attempts if a.generated is not None]
         for start in range(0, len(made), STORE_GROUP):
             _store_group(made[start : start + STORE_GROUP], results)
+        if held:
+            # Done with: readers' claims settled and locks gone now, not when the batch ends,
+            # so that a refresh asked for meanwhile (Refresh now, a rejected token) runs at
+            # once. A call given up is no longer in ``held``: its lock stays until it expires.
+            done = {
+                a.provider.pk: held.pop(a.provider.pk) for a in attempts if a.provider.pk in held
+            }
+            clear, hold = _pending_rules({pid: results[pid] for pid in done})
+            locks.locks_release(done, clear=clear, hold=hold)
+            settled.update(done)
 
     attempts_run(
         providers=providers,
@@ -330,8 +344,17 @@ def _report_stored(
     return RefreshResult(Outcome.STORED, token=token)
 
 
-def _settle_pending(results: dict[int, RefreshResult]) -> None:
-    """When readers may ask for a refresh again (the "pending" claim's new lifetime).
+def _settle_pending(results: dict[int, RefreshResult], settled: set[int]) -> None:
+    """Settle the readers' claims of ``results`` not in ``settled`` (``_pending_rules``)."""
+    clear, hold = _pending_rules(
+        {pid: result for pid, result in results.items() if pid not in settled}
+    )
+    locks.pending_settle(clear=clear, hold=hold)
+
+
+def _pending_rules(results: dict[int, RefreshResult]) -> tuple[list[int], dict[int, float]]:
+    """When readers may ask for a refresh again (the "pending" claim's new lifetime): the ids
+    they may ask again for at once, and those they may ask again for after so many seconds.
 
     After a token was stored (or found fresh): after TOKENS_READER_COOLDOWN, so a token that is
     useless at once cannot turn each read into an endpoint call. After a transient failure: once
@@ -356,4 +379,4 @@ def _settle_pending(results: dict[int, RefreshResult]) -> None:
             hold[pid] = cooldown
         else:
             clear.append(pid)
-    locks.pending_settle(clear=clear, hold=hold)
+    return clear, hold
