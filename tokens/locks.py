@@ -23,18 +23,22 @@ logger = logging.getLogger("tokens")
 # Release locks and settle readers' claims, in one call: KEYS are the index of held locks, then
 # each provider's lock and "pending" claim; ARGV per provider its lock token, its id and the
 # claim's new lifetime in ms (-1: leave it, 0: delete it). A lock is deleted only if it still
-# holds our token (redis-py's Lock does the same, one at a time), and leaves the index.
+# holds our token (redis-py's Lock does the same, one at a time), and leaves the index; a claim
+# is settled only if no other refresh holds the lock now (its readers are that refresh's).
 _RELEASE = """
 local released = {}
 for i = 0, (#KEYS - 1) / 2 - 1 do
   local lock, pending = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
   local token, pid, ms = ARGV[1 + 3 * i], ARGV[2 + 3 * i], tonumber(ARGV[3 + 3 * i])
-  if ms == 0 then
-    redis.call('DEL', pending)
-  elseif ms > 0 then
-    redis.call('SET', pending, '1', 'PX', ms)
+  local holder = redis.call('GET', lock)
+  if holder == token or not holder then
+    if ms == 0 then
+      redis.call('DEL', pending)
+    elseif ms > 0 then
+      redis.call('SET', pending, '1', 'PX', ms)
+    end
   end
-  if redis.call('GET', lock) == token then
+  if holder == token then
     redis.call('ZREM', KEYS[1], pid)
     released[#released + 1] = redis.call('DEL', lock)
   else
@@ -83,12 +87,13 @@ def locks_acquire(provider_ids: list[int]) -> dict[int, str]:
 
 def locks_release(
     held: dict[int, str], *, clear: list[int] | None = None, hold: dict[int, float] | None = None
-) -> None:
+) -> bool:
     """Release locks taken by ``locks_acquire`` (one round trip); one that had expired (its
     holder outlived its TTL) is logged. ``clear`` and ``hold``, of the providers in ``held``:
-    as ``pending_settle``, in the same call, before each lock goes."""
+    as ``pending_settle``, in the same call, before each lock goes (not for a lock another
+    refresh holds now). False if Redis was unreachable (logged)."""
     if not held:
-        return
+        return True
     clear_ids, hold = set(clear or ()), hold or {}
     keys: list[str] = [_held_index()]
     args: list[str | int] = []
@@ -101,6 +106,8 @@ def locks_release(
         for pid, ok in zip(held, released, strict=True):
             if not ok:
                 logger.warning("tokens: refresh lock of provider %s expired before release", pid)
+        return True
+    return False
 
 
 def locks_held(provider_ids: list[int]) -> list[bool]:

@@ -82,11 +82,56 @@ def test_batch__a_slow_host_never_holds_back_the_others_and_keeps_to_its_bound(s
 
 
 def test_batch__a_provider_is_unlocked_once_stored_while_its_batch_runs_on(settings) -> None:
-    """A provider's lock goes, its readers' claim settled first, as soon as its token is stored,
-    not when the batch's slowest call ends: a Refresh now of it meanwhile (an API rejected the
-    new token) calls its endpoint at once instead of finding it "in flight"; the slow one's
-    lock stays until its own call ends."""
+    """A provider's lock goes, its readers' claim settled first, as soon as its token is stored
+    (or at once, when the batch skips it), not when the batch's slowest call ends: a Refresh now
+    of it meanwhile (an API rejected the new token) calls its endpoint at once instead of
+    finding it "in flight"; the slow one's lock stays until its own call ends."""
     settings.TOKENS_READER_COOLDOWN = 60.0
+    with GatedEndpoint() as slow, GatedEndpoint() as fast:
+        fast.open()
+        held = make_provider("held", config=oauth2_config(slow.url))
+        done = make_provider("done", config=oauth2_config(fast.url))
+        fresh = make_provider("fresh", config=oauth2_config(fast.url))
+        assert refresh.token_refresh(provider_id=fresh.pk).outcome == Outcome.STORED
+        runner, outcome = in_thread(
+            refresh.refresh_many,
+            provider_ids=[held.pk, fresh.pk, done.pk],
+            reason=Reason.SCHEDULE,
+        )
+        slow.wait_in_flight(1)  # every lock was taken before any call began
+        wait_for(lambda: locks.locks_held([done.pk, fresh.pk]) == [False, False], timeout=30)
+        assert Token.objects.filter(provider=done).count() == 1  # stored before it was unlocked
+        assert not locks.claim("pending", done.pk, 1)  # readers wait out the cool-down
+        assert not locks.claim("pending", fresh.pk, 1)
+        assert locks.locks_held([held.pk]) == [True]
+        again = refresh.token_refresh(provider_id=done.pk, reason=Reason.MANUAL)
+        assert again.outcome == Outcome.STORED
+        assert len(fast.requests) == 3 and slow.in_flight == 1
+        slow.open()
+        runner.join(timeout=60)
+    assert outcome[0][held.pk].outcome == Outcome.STORED
+    assert outcome[0][done.pk].outcome == Outcome.STORED
+    assert outcome[0][fresh.pk].outcome == Outcome.FRESH
+    assert locks.locks_held([held.pk, done.pk, fresh.pk]) == [False, False, False]
+    assert Token.objects.filter(provider=done).count() == 2
+
+
+def test_batch__a_lock_whose_release_failed_goes_when_the_batch_ends(
+    settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis unreachable for a moment as a finished provider's lock would go: the batch keeps
+    it and releases it (and settles its readers' claim) at its end, not after the lock's TTL."""
+    settings.TOKENS_READER_COOLDOWN = 60.0
+    release = locks.locks_release
+    failed: list[dict[int, str]] = []
+
+    def blip(held: dict[int, str], **settle: Any) -> bool:
+        if not failed:
+            failed.append(dict(held))
+            return False  # what locks_release answers when Redis is unreachable
+        return release(held, **settle)
+
+    monkeypatch.setattr(locks, "locks_release", blip)
     with GatedEndpoint() as slow, GatedEndpoint() as fast:
         fast.open()
         held = make_provider("held", config=oauth2_config(slow.url))
@@ -94,20 +139,29 @@ def test_batch__a_provider_is_unlocked_once_stored_while_its_batch_runs_on(setti
         runner, outcome = in_thread(
             refresh.refresh_many, provider_ids=[held.pk, done.pk], reason=Reason.SCHEDULE
         )
-        slow.wait_in_flight(1)  # both locks were taken before either call began
-        wait_for(lambda: locks.locks_held([done.pk]) == [False], timeout=30)
-        assert Token.objects.filter(provider=done).count() == 1  # stored before it was unlocked
-        assert not locks.claim("pending", done.pk, 1)  # readers wait out the cool-down
-        assert locks.locks_held([held.pk]) == [True]
-        again = refresh.token_refresh(provider_id=done.pk, reason=Reason.MANUAL)
-        assert again.outcome == Outcome.STORED
-        assert len(fast.requests) == 2 and slow.in_flight == 1
+        slow.wait_in_flight(1)
+        wait_for(lambda: failed, timeout=30)
+        assert list(failed[0]) == [done.pk]
+        assert locks.locks_held([done.pk]) == [True]
         slow.open()
         runner.join(timeout=60)
-    assert outcome[0][held.pk].outcome == Outcome.STORED
     assert outcome[0][done.pk].outcome == Outcome.STORED
     assert locks.locks_held([held.pk, done.pk]) == [False, False]
-    assert Token.objects.filter(provider=done).count() == 2
+    assert not locks.claim("pending", done.pk, 1)  # settled at the end
+
+
+def test_batch__a_provider_named_twice_is_called_once() -> None:
+    """Ids repeated in a batch's message: one call under the lock, never a second one that
+    would run after the first had let the lock go."""
+    with GatedEndpoint() as endpoint:
+        endpoint.open()
+        provider = make_provider("twice", config=oauth2_config(endpoint.url))
+        results = refresh.refresh_many(
+            provider_ids=[provider.pk, provider.pk, provider.pk], reason=Reason.SCHEDULE
+        )
+    assert results[provider.pk].outcome == Outcome.STORED
+    assert len(endpoint.requests) == 1
+    assert Token.objects.filter(provider=provider).count() == 1
 
 
 def test_batch__requests_to_many_hosts_are_in_flight_together_up_to_the_process_bound(

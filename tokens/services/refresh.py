@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 
 from django.utils import timezone
@@ -56,14 +56,17 @@ def refresh_many(
     versions are handed out in one statement. The generators' requests are then in flight
     together (TOKENS_HTTP_CONCURRENCY, at most TOKENS_HTTP_PER_HOST to one endpoint; each within
     its own deadline), so one slow endpoint costs the others nothing; tokens are stored and
-    cached as they come, per group of up to STORE_GROUP, and each provider's lock goes once
-    its token is stored or its failure recorded (a call given up keeps it until it expires).
-    While requests are in flight, ``pull`` (the schedule's due providers) is asked for as many
-    more as there is room for, and they are refreshed the same way; it never returns a
-    provider this call was given before (one claimed again while it is being refreshed is the
-    caller's to hand on: two calls of a provider never overlap). A provider not yet begun when
-    ``deadline`` (monotonic) has passed is left out of the result: the caller hands it on.
+    cached as they come, per group of up to STORE_GROUP. Each provider's lock goes (its
+    readers' claim settled first) once its token is stored or its failure recorded, or at once
+    when it is skipped; a call given up keeps it until it expires. An id given twice is
+    refreshed once. While requests are in flight, ``pull`` (the schedule's due providers) is
+    asked for as many more as there is room for, and they are refreshed the same way; it never
+    returns a provider this call was given before (one claimed again while it is being
+    refreshed is the caller's to hand on: two calls of a provider never overlap). A provider
+    not yet begun when ``deadline`` (monotonic) has passed is left out of the result: the
+    caller hands it on.
     """
+    provider_ids = list(dict.fromkeys(provider_ids))  # one call per provider, under its lock
     results: dict[int, RefreshResult] = {}
     settled: set[int] = set()  # readers' claims settled as their locks went
     try:
@@ -72,6 +75,21 @@ def refresh_many(
         # Without Redis there is no lock; the version fence still keeps stores ordered.
         logger.warning("tokens: Redis unavailable, refreshing without the lock")
         held = None
+
+    def let_go(provider_ids: Iterable[int]) -> None:
+        """Done with these (stored, failed, skipped): their readers' claims settled, then their
+        locks released, in one call; kept in ``held`` (released at the end) if Redis fails."""
+        if not held:
+            return
+        done = {pid: held[pid] for pid in provider_ids if pid in held}
+        if not done:
+            return
+        clear, hold = _pending_rules({pid: results[pid] for pid in done})
+        if locks.locks_release(done, clear=clear, hold=hold):
+            for pid in done:
+                held.pop(pid, None)
+            settled.update(done)
+
     try:
         due = _due_now(provider_ids, reason, held, results)
         more: More | None = None
@@ -79,15 +97,18 @@ def refresh_many(
             locked = held  # no lock, no pulling: Redis is down
 
             def more(room: int) -> tuple[list[Provider], dict[int, int]]:
-                ids = pull(room)
+                ids = list(dict.fromkeys(pull(room)))
                 if not ids:
                     return [], {}
                 locked.update(locks.locks_acquire(ids))
-                return _begin_list(_due_now(ids, reason, locked, results), results)
+                now_due = _due_now(ids, reason, locked, results)
+                let_go(pid for pid in ids if pid in results)  # skipped: fresh, disabled, ...
+                return _begin_list(now_due, results)
 
         if due and (deadline is None or time.monotonic() < deadline):
+            let_go(pid for pid in provider_ids if pid in results)  # skipped: not kept waiting
             try:
-                _refresh_due(*_begin_list(due, results), deadline, held, results, more, settled)
+                _refresh_due(*_begin_list(due, results), deadline, held, results, more, let_go)
             except Interrupted as stopped:
                 results.update(_record_failures(stopped.attempts))
                 _settle_pending(results, settled)
@@ -237,12 +258,12 @@ def _refresh_due(
     held: dict[int, str] | None,
     results: dict[int, RefreshResult],
     more: More | None,
-    settled: set[int],
+    let_go: Callable[[Iterable[int]], None],
 ) -> None:
     """Refresh ``providers`` (and what ``more`` adds), adding each one's result to ``results``
     as it comes (a time limit that stops the batch keeps the results of those stored before
-    it); each one's lock (from ``held``) goes as soon as it is stored or its failure recorded,
-    its readers' claim settled first (added to ``settled``)."""
+    it); each one is let go (``let_go``: its lock released) as soon as it is stored or its
+    failure recorded."""
     if not providers:
         return
 
@@ -253,16 +274,10 @@ def _refresh_due(
         made = [a for a in attempts if a.generated is not None]
         for start in range(0, len(made), STORE_GROUP):
             _store_group(made[start : start + STORE_GROUP], results)
-        if held:
-            # Done with: readers' claims settled and locks gone now, not when the batch ends,
-            # so that a refresh asked for meanwhile (Refresh now, a rejected token) runs at
-            # once. A call given up is no longer in ``held``: its lock stays until it expires.
-            done = {
-                a.provider.pk: held.pop(a.provider.pk) for a in attempts if a.provider.pk in held
-            }
-            clear, hold = _pending_rules({pid: results[pid] for pid in done})
-            locks.locks_release(done, clear=clear, hold=hold)
-            settled.update(done)
+        # Their locks go now, not when the batch ends, so that a refresh asked for meanwhile
+        # (Refresh now, a rejected token) runs at once. A call given up is no longer in
+        # ``held``: its lock stays until it expires.
+        let_go(a.provider.pk for a in attempts)
 
     attempts_run(
         providers=providers,
