@@ -93,6 +93,7 @@ def test_batch__a_provider_is_unlocked_once_stored_while_its_batch_runs_on(setti
         done = make_provider("done", config=oauth2_config(fast.url))
         fresh = make_provider("fresh", config=oauth2_config(fast.url))
         assert refresh.token_refresh(provider_id=fresh.pk).outcome == Outcome.STORED
+        locks.pending_clear(fresh.pk)  # readers may ask: the batch's skip settles it anew
         runner, outcome = in_thread(
             refresh.refresh_many,
             provider_ids=[held.pk, fresh.pk, done.pk],

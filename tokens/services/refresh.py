@@ -84,12 +84,13 @@ def refresh_many(
         done = {pid: held[pid] for pid in provider_ids if pid in held}
         if not done:
             return
-        clear, hold = _pending_rules({pid: results[pid] for pid in done})
+        clear, hold = _pending_rules({pid: results[pid] for pid in done if pid in results})
         if locks.locks_release(done, clear=clear, hold=hold):
             for pid in done:
                 held.pop(pid, None)
             settled.update(done)
 
+    stopped_by: BaseException | None = None  # a time limit, raised once all is let go
     try:
         due = _due_now(provider_ids, reason, held, results)
         more: More | None = None
@@ -111,12 +112,14 @@ def refresh_many(
                 _refresh_due(*_begin_list(due, results), deadline, held, results, more, let_go)
             except Interrupted as stopped:
                 results.update(_record_failures(stopped.attempts))
-                _settle_pending(results, settled)
-                raise stopped.limit from None
+                stopped_by = stopped.limit
     finally:
-        if held:
-            locks.locks_release(held)
-    _settle_pending(results, settled)
+        # What is still held: released, the readers' claims of those with a result settled in
+        # the same call (never under a lock another refresh has taken since).
+        let_go(list(held or ()))
+    _settle_pending(results, settled)  # those whose lock was not ours to release
+    if stopped_by is not None:
+        raise stopped_by from None
     return results
 
 
